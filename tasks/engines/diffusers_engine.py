@@ -1,0 +1,86 @@
+"""The diffusers engine: WanPipeline, on CUDA when present, else on the CPU.
+
+It is the CPU engine for ``tiny-wan`` and the fallback where FastVideo's multiprocessing cannot
+start. Real Wan2.1 checkpoints load the same way (bf16 transformer, fp32 VAE on CUDA).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
+from worker_config.settings import Settings
+
+__all__ = ["DiffusersEngine"]
+
+
+class DiffusersEngine:
+    name = "diffusers"
+
+    def __init__(self, settings: Settings) -> None:
+        import torch
+        from diffusers import AutoencoderKLWan, WanPipeline
+
+        self.model_id = settings.MODEL_ID
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = resolve_model_path(settings)
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        # Wan's VAE is numerically fragile in half precision: keep it in fp32 everywhere.
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+        self._pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype).to(self.device)
+        self._pipe.set_progress_bar_config(disable=True)
+
+    def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput:
+        import torch
+
+        if self._pipe is None:
+            from tasks.errors import EngineNotReady
+
+            raise EngineNotReady("the diffusers engine was used after it was closed")
+        steps = spec["num_inference_steps"]
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            progress("denoising", step + 1, steps)
+            if step + 1 == steps:
+                progress("decoding", None, None)
+            return kwargs
+
+        progress("encoding_prompt", None, None)
+        with torch.inference_mode():
+            prompt_embeds, negative_embeds = self._pipe.encode_prompt(
+                prompt=spec["prompt"],
+                negative_prompt=spec["negative_prompt"],
+                do_classifier_free_guidance=spec["guidance_scale"] > 1.0,
+                max_sequence_length=512,
+                device=self.device,
+            )
+            progress("denoising", 0, steps)
+            out = self._pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                height=spec["height"],
+                width=spec["width"],
+                num_frames=spec["num_frames"],
+                num_inference_steps=steps,
+                guidance_scale=spec["guidance_scale"],
+                generator=torch.Generator(device=self.device).manual_seed(spec["seed"]),
+                output_type="np",
+                callback_on_step_end=on_step_end,
+            )
+        frames = out.frames[0]
+        del out
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return RenderOutput(frames=frames)
+
+    def close(self) -> None:
+        self._pipe = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a worker dependency
+            pass

@@ -1,0 +1,137 @@
+"""The built-in ``tiny-wan`` model: a tiny random-weight Wan2.1 text-to-video checkpoint.
+
+It is built locally (no hub access), deterministically (seeded), and cached on disk after the
+first build. It renders noise, but through exactly the same code path as a real Wan2.1 model:
+UMT5 text encoder, WanTransformer3DModel, AutoencoderKLWan and a flow-matching UniPC scheduler,
+saved in diffusers format and loaded back with ``from_pretrained``.
+
+The checkpoint directory name carries a version: change ``BUILD_VERSION`` whenever the recipe
+changes so that stale caches are never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["TINY_WAN_ID", "BUILD_VERSION", "ensure_tiny_wan", "tiny_wan_path"]
+
+TINY_WAN_ID = "tiny-wan"
+BUILD_VERSION = "v1"
+_SEED = 20261122
+
+# A fixed vocabulary: deterministic (training a tokenizer is not), and every character a prompt
+# is likely to use is a piece of its own, so any text tokenizes without hitting <unk> often.
+_WORDS = (
+    "a the of and in on with at to from video cat dog bird city street night day sun sky sea "
+    "river forest mountain snow rain fire car train robot person walking running flying "
+    "slowly quickly red green blue white black golden light dark camera shot close wide"
+).split()
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+
+
+def tiny_wan_path(cache_dir: Path) -> Path:
+    """Where the checkpoint of this build version lives under ``cache_dir``."""
+    return Path(cache_dir) / f"tiny-wan-{BUILD_VERSION}"
+
+
+def ensure_tiny_wan(cache_dir: Path) -> Path:
+    """Return the checkpoint directory, building it first if it is not cached yet.
+
+    Safe against concurrent builders: each builds in a private temporary directory and the
+    first atomic rename wins.
+    """
+    target = tiny_wan_path(cache_dir)
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-wan-build-", dir=target.parent))
+    try:
+        _build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _vocab() -> list[tuple[str, float]]:
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{word}", -1.0) for word in _WORDS]
+    pieces += [(ch, -5.0) for ch in _CHARS]
+    return pieces
+
+
+def _build(out: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(_SEED)
+    tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    pipe.save_pretrained(out)
+    _make_fastvideo_loadable(out)
+
+
+def _make_fastvideo_loadable(out: Path) -> None:
+    """Trim config keys that FastVideo 0.2.1's loader does not know (see FIELD_NOTES.md)."""
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for key in ("transformer_2", "boundary_ratio", "expand_timesteps"):
+        index.pop(key, None)
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    sched_path = out / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text())
+    for key in ("shift_terminal", "sigma_min", "sigma_max"):
+        sched.pop(key, None)
+    sched_path.write_text(json.dumps(sched, indent=2, sort_keys=True) + "\n")

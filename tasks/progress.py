@@ -1,0 +1,55 @@
+"""Progress and timings of one render: task states a producer and Flower can read.
+
+``StageClock`` moves the task through stages (``PROGRESS`` state with ``{"stage", "step",
+"steps"}`` as its info) and records the seconds spent in each; ``timings()`` is what the
+result reports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+__all__ = ["StageClock", "PROGRESS"]
+
+PROGRESS = "PROGRESS"
+
+
+class StageClock:
+    def __init__(self, task: Any) -> None:
+        self._task = task
+        self._started = time.perf_counter()
+        self._stage_started = self._started
+        self.stage: str | None = None
+        self._timings: dict[str, float] = {}
+
+    def enter(self, stage: str, step: int | None = None, steps: int | None = None) -> None:
+        """Close the current stage and start ``stage``; publish it as the task's PROGRESS."""
+        now = time.perf_counter()
+        if self.stage is not None:
+            self._timings[self.stage] = self._timings.get(self.stage, 0.0) + (now - self._stage_started)
+        self.stage, self._stage_started = stage, now
+        self._publish(step, steps)
+
+    def progress(self, stage: str, step: int | None, steps: int | None) -> None:
+        """The engine's progress callback: a new stage, or the next step within the current one."""
+        if stage != self.stage:
+            self.enter(stage, step, steps)
+        else:
+            self._publish(step, steps)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage so far (the current stage included) and ``total``."""
+        now = time.perf_counter()
+        out = dict(self._timings)
+        if self.stage is not None:
+            out[self.stage] = out.get(self.stage, 0.0) + (now - self._stage_started)
+        out["total"] = now - self._started
+        return {name: round(seconds, 4) for name, seconds in out.items()}
+
+    def _publish(self, step: int | None, steps: int | None) -> None:
+        meta: dict[str, Any] = {"stage": self.stage}
+        if steps is not None:
+            meta.update(step=step, steps=steps)
+        if self._task.request.id is not None:
+            self._task.update_state(state=PROGRESS, meta=meta)

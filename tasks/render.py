@@ -1,0 +1,168 @@
+"""The ``tasks.render`` task: validate, look in storage, render, encode, upload, report.
+
+Retry is declared here (transient errors: backoff with a cap); invalid requests and timeouts
+are final. A task whose worker died on every delivery fails for good after ``MAX_DELIVERIES``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any
+
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
+
+from tasks.celery import app
+from tasks.errors import DeliveryLimitExceeded, InvalidRequest, RenderError, RenderTimeout, TransientError
+from tasks.keys import RenderSpec, object_key, resolve
+from tasks.progress import StageClock
+from tasks.schemas import Limits, RenderResult, parse_request
+from tasks.spool import Spool, SpooledVideo
+from tasks.storage import StoredVideo, VideoStore
+from worker_config.settings import get_settings
+
+__all__ = ["render"]
+
+log = get_task_logger(__name__)
+_settings = get_settings()
+
+
+class RenderTask(Task):
+    """Holds the per-process storage client and spool (created on first use in the worker)."""
+
+    @cached_property
+    def store(self) -> VideoStore:
+        return VideoStore(get_settings())
+
+    @cached_property
+    def spool(self) -> Spool:
+        return Spool(get_settings().SPOOL_DIR)
+
+    @cached_property
+    def limits(self) -> Limits:
+        s = get_settings()
+        return Limits(max_prompt_chars=s.MAX_PROMPT_CHARS, max_pixel_frames=s.MAX_PIXEL_FRAMES, models=(s.MODEL_ID,))
+
+
+@app.task(
+    bind=True,
+    base=RenderTask,
+    name="tasks.render",
+    autoretry_for=(TransientError,),
+    retry_backoff=2,
+    retry_backoff_max=120,
+    retry_jitter=True,
+    max_retries=_settings.STORAGE_MAX_RETRIES,
+    throws=(InvalidRequest, DeliveryLimitExceeded, RenderTimeout),
+)
+def render(self: RenderTask, **kwargs: Any) -> dict[str, Any]:
+    """Render a video from a text prompt; return where the MP4 is (see ``RenderResult``)."""
+    clock = StageClock(self)
+    try:
+        return _render(self, clock, kwargs)
+    except SoftTimeLimitExceeded:
+        limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
+        raise RenderTimeout(
+            f"render stopped: it ran past the soft time limit of {limit}s (RENDER_SOFT_TIME_LIMIT_S) "
+            f"during stage {clock.stage!r}; ask for fewer frames, steps or pixels"
+        ) from None
+
+
+def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict[str, Any]:
+    clock.enter("validating")
+    request = parse_request(kwargs)
+    spec = resolve(request, get_settings().MODEL_ID, task.request.id or "local", task.limits)
+    key = object_key(spec)
+    _count_delivery(task)
+    log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
+             spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
+
+    clock.enter("checking_cache")
+    if not request.force and (hit := task.store.find(key)) is not None and "sha256" in hit.metadata:
+        log.info("served from storage: %s", key)
+        return _result(task, hit, clock, cached=True)
+
+    video = task.spool.find(key)
+    if video is None:
+        video = _render_to_spool(task, clock, spec, key)
+    else:
+        log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
+
+    clock.enter("uploading")
+    stored = task.store.put(key, video.path, video.metadata)
+    task.spool.discard(key)
+    return _result(task, stored, clock, cached=False)
+
+
+def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key: str) -> SpooledVideo:
+    from tasks.video import encode_mp4, sha256_file, to_uint8_frames
+    from worker_config.lifecycle import ENGINE
+
+    engine = ENGINE.get()
+    output = engine.render(spec, clock.progress)
+    clock.enter("encoding")
+    path = task.spool.video_path(key)
+    if output.video_path is not None:
+        os.replace(output.video_path, path)
+    else:
+        frames = to_uint8_frames(output.frames)
+        del output
+        expected = (spec["num_frames"], spec["height"], spec["width"], 3)
+        if frames.shape != expected:
+            raise RenderError(f"engine {engine.name} returned frames shaped {frames.shape}, expected {expected}")
+        encode_mp4(frames, spec["fps"], path)
+        del frames
+    metadata = {
+        "sha256": sha256_file(path),
+        "width": str(spec["width"]),
+        "height": str(spec["height"]),
+        "num-frames": str(spec["num_frames"]),
+        "fps": str(spec["fps"]),
+        "seed": str(spec["seed"]),
+        "model": spec["model"],
+        "engine": engine.name,
+    }
+    return task.spool.commit(key, metadata)
+
+
+def _count_delivery(task: RenderTask) -> None:
+    """Count deliveries of this task attempt; fail for good once its worker died too often."""
+    limit = get_settings().MAX_DELIVERIES
+    name = f"renderfarm:deliveries:{task.request.id}:{task.request.retries}"
+    client = task.backend.client
+    count = client.incr(name)
+    client.expire(name, get_settings().visibility_timeout_s * (limit + 1))
+    if count > limit:
+        raise DeliveryLimitExceeded(
+            f"task {task.request.id} was delivered {count} times and its worker process died during each of "
+            f"the previous {count - 1} (crash, out-of-memory kill or lost node); giving up after "
+            f"MAX_DELIVERIES={limit}. Check the worker logs for the cause."
+        )
+
+
+def _result(task: RenderTask, video: StoredVideo, clock: StageClock, cached: bool) -> dict[str, Any]:
+    meta = video.metadata
+    timings = clock.timings()
+    result = RenderResult(
+        bucket=task.store.bucket,
+        key=video.key,
+        url=task.store.presign(video.key),
+        url_expires_s=int(task.store.expires.total_seconds()),
+        size_bytes=video.size_bytes,
+        sha256=meta["sha256"],
+        width=int(meta["width"]),
+        height=int(meta["height"]),
+        num_frames=int(meta["num-frames"]),
+        fps=int(meta["fps"]),
+        seed=int(meta["seed"]),
+        model=meta["model"],
+        engine=meta["engine"],
+        cached=cached,
+        worker=task.request.hostname or "local",
+        worker_pid=os.getpid(),
+        timings=timings,
+    )
+    log.info("done in %.2fs (cached=%s): %s", timings["total"], cached, video.key)
+    return result.model_dump()

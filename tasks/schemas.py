@@ -1,0 +1,123 @@
+"""Wire types: the render request a producer sends and the result it gets back.
+
+Both are small pydantic models. The request is validated before any model work: unknown fields
+are rejected, every field is typed and bounded, and the messages name the field and what is
+allowed. Fields left out are filled from the served model's profile (``tasks.profiles``).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["RenderRequest", "RenderResult", "Limits", "parse_request", "MAX_SIDE", "MAX_FRAMES"]
+
+MAX_SIDE = 1920
+MAX_FRAMES = 257
+_ALLOWED_CONTROL = {"\n", "\t"}
+
+
+def _check_text(value: str, field: str) -> str:
+    bad = [ch for ch in value if unicodedata.category(ch) in ("Cc", "Cs", "Co") and ch not in _ALLOWED_CONTROL]
+    if bad:
+        raise ValueError(f"{field} contains control character {bad[0]!r}; only printable text, newlines and tabs are allowed")
+    return value
+
+
+class RenderRequest(BaseModel):
+    """What ``tasks.render`` accepts, as keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    negative_prompt: str | None = Field(None, max_length=100_000)
+    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
+    height: int | None = Field(None, ge=16, le=MAX_SIDE, multiple_of=16)
+    width: int | None = Field(None, ge=16, le=MAX_SIDE, multiple_of=16)
+    num_inference_steps: int | None = Field(None, ge=1, le=200)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    fps: int | None = Field(None, ge=1, le=120)
+    model: str | None = Field(None, min_length=1, max_length=200)
+    force: bool = False
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: Any) -> Any:
+        # JSON has one number type: 5 and 5.0 mean the same scale. Booleans are not numbers.
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        return _check_text(value, "prompt")
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_text(cls, value: str | None) -> str | None:
+        return None if value is None else _check_text(value, "negative_prompt")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _wan_frame_count(cls, value: int | None) -> int | None:
+        if value is not None and value % 4 != 1:
+            raise ValueError(f"Wan needs a frame count of the form 4k+1 (1, 5, 9, ..., 81, ...); {value} is not")
+        return value
+
+
+class Limits(BaseModel):
+    """Per-deployment limits from settings, checked after the profile fills the defaults."""
+
+    max_prompt_chars: int
+    max_pixel_frames: int
+    models: tuple[str, ...]
+
+
+class RenderResult(BaseModel):
+    """What ``tasks.render`` returns (as a JSON object) once the MP4 is stored."""
+
+    bucket: str
+    key: str
+    url: str
+    url_expires_s: int
+    size_bytes: int
+    sha256: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    seed: int
+    model: str
+    engine: str
+    cached: bool
+    worker: str
+    worker_pid: int
+    timings: dict[str, float]
+
+
+def parse_request(kwargs: dict[str, Any]) -> RenderRequest:
+    """Validate raw task kwargs; raise ``InvalidRequest`` naming every bad field."""
+    from tasks.errors import InvalidRequest
+
+    try:
+        return RenderRequest.model_validate(kwargs)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid render request: {_explain(exc)}") from None
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(RenderRequest.model_fields)
+            msg = f"unknown field; allowed fields: {allowed}"
+        elif err["type"] == "missing":
+            msg = "required"
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,52 @@
+"""The local spool: finished MP4s waiting for upload.
+
+A render's MP4 and its metadata are kept here until the upload succeeded. When storage fails
+and the task is retried, the retry finds the video here and uploads it: a storage outage never
+costs a second render.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SpooledVideo", "Spool"]
+
+
+@dataclass(frozen=True)
+class SpooledVideo:
+    path: Path
+    metadata: dict[str, str]
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def video_path(self, key: str) -> Path:
+        """Where the MP4 for ``key`` is written (the file name is the key's hash, never user text)."""
+        return self.directory / Path(key).name
+
+    def _meta_path(self, key: str) -> Path:
+        return self.video_path(key).with_suffix(".json")
+
+    def find(self, key: str) -> SpooledVideo | None:
+        video, meta = self.video_path(key), self._meta_path(key)
+        if not (video.is_file() and meta.is_file()):
+            return None
+        return SpooledVideo(path=video, metadata=json.loads(meta.read_text()))
+
+    def commit(self, key: str, metadata: dict[str, str]) -> SpooledVideo:
+        """Mark the MP4 at ``video_path(key)`` complete by writing its metadata (atomically)."""
+        meta = self._meta_path(key)
+        tmp = meta.with_suffix(f".{os.getpid()}.part")
+        tmp.write_text(json.dumps(metadata, sort_keys=True))
+        os.replace(tmp, meta)
+        return SpooledVideo(path=self.video_path(key), metadata=metadata)
+
+    def discard(self, key: str) -> None:
+        for path in (self._meta_path(key), self.video_path(key)):
+            path.unlink(missing_ok=True)

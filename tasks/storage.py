@@ -1,0 +1,131 @@
+"""Object storage for finished videos, through the minio SDK.
+
+One internal client does the I/O against ``MINIO_ENDPOINT``; presigned URLs are signed for
+``MINIO_PUBLIC_ENDPOINT`` (what clients can reach) by a second client that never connects
+(the region is given, so signing needs no network call). Buckets are created private.
+Every storage failure becomes ``StorageUnavailable`` naming the endpoint and the operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.errors import StorageUnavailable
+from worker_config.settings import Settings, endpoint_parts
+
+if TYPE_CHECKING:
+    from minio import Minio
+
+__all__ = ["StoredVideo", "VideoStore"]
+
+_META_PREFIX = "x-amz-meta-"
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    key: str
+    size_bytes: int
+    metadata: dict[str, str]
+
+
+class VideoStore:
+    """The bucket of rendered videos."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.MINIO_ACCESS_KEY or not settings.MINIO_SECRET_KEY:
+            raise StorageUnavailable("MINIO_ACCESS_KEY and MINIO_SECRET_KEY must be set to store videos")
+        self.bucket = settings.MINIO_BUCKET
+        self.expires = dt.timedelta(seconds=settings.PRESIGN_EXPIRES_S)
+        self._endpoint = settings.MINIO_ENDPOINT
+        self._client = _client(settings, settings.MINIO_ENDPOINT, io_timeout=settings.STORAGE_TIMEOUT_S)
+        self._signer = _client(settings, settings.public_endpoint, io_timeout=None)
+        self._bucket_ready = False
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket (private: no policy) if it does not exist yet."""
+        if self._bucket_ready:
+            return
+        from minio.error import S3Error
+
+        with self._errors("create bucket"):
+            if not self._client.bucket_exists(self.bucket):
+                try:
+                    self._client.make_bucket(self.bucket)
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+        self._bucket_ready = True
+
+    def find(self, key: str) -> StoredVideo | None:
+        """The stored video at ``key``, or None if there is none."""
+        from minio.error import S3Error
+
+        self.ensure_bucket()
+        with self._errors(f"stat {key}"):
+            try:
+                stat = self._client.stat_object(self.bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return None
+                raise
+        meta = {
+            name.lower().removeprefix(_META_PREFIX): value
+            for name, value in (stat.metadata or {}).items()
+            if name.lower().startswith(_META_PREFIX)
+        }
+        return StoredVideo(key=key, size_bytes=int(stat.size or 0), metadata=meta)
+
+    def put(self, key: str, path: Path, metadata: dict[str, str]) -> StoredVideo:
+        """Upload the MP4 at ``path`` to ``key`` with ``metadata`` (x-amz-meta-*)."""
+        self.ensure_bucket()
+        with self._errors(f"upload {key}"):
+            self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=metadata)
+        return StoredVideo(key=key, size_bytes=path.stat().st_size, metadata=dict(metadata))
+
+    def presign(self, key: str) -> str:
+        """A time-limited GET URL for clients, on the public endpoint."""
+        return self._signer.presigned_get_object(self.bucket, key, expires=self.expires)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        from minio.error import MinioException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            yield
+        except (MinioException, HTTPError, OSError) as exc:
+            raise StorageUnavailable(
+                f"object storage at {self._endpoint} failed to {action} in bucket {self.bucket!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _client(settings: Settings, endpoint: str, io_timeout: float | None) -> Minio:
+    import urllib3
+    from minio import Minio
+
+    host, secure = endpoint_parts(endpoint, settings.MINIO_SECURE)
+    http = None
+    if io_timeout is not None:
+        import certifi
+
+        http = urllib3.PoolManager(
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+            timeout=urllib3.Timeout(connect=io_timeout, read=max(io_timeout, 60.0)),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            maxsize=4,
+        )
+    return Minio(
+        host,
+        access_key=settings.MINIO_ACCESS_KEY,
+        secret_key=settings.MINIO_SECRET_KEY,
+        secure=secure,
+        region=settings.MINIO_REGION,
+        http_client=http,
+    )

@@ -1,0 +1,105 @@
+"""End to end through the real queue: producer -> Redis -> prefork worker -> MP4 in S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from celery import Celery
+
+RESULT_FIELDS = {
+    "bucket", "key", "url", "size_bytes", "sha256", "width", "height", "num_frames", "fps", "seed",
+    "model", "engine", "cached", "worker", "timings",
+}  # fmt: skip
+
+
+def ffprobe(path: Path) -> dict:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
+         "stream=codec_name,pix_fmt,width,height,nb_read_frames,avg_frame_rate", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)["streams"][0]
+
+
+def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: Celery, s3, s3_server, bucket, tmp_path):
+    worker = start_worker()
+    kwargs = {"prompt": "a red fox running through snow", "height": 48, "width": 80, "num_frames": 13, "fps": 12}
+    async_result = producer.send_task("tasks.render", kwargs=kwargs, queue="render")
+    result = async_result.get(timeout=120)
+
+    assert RESULT_FIELDS <= set(result)
+    assert (result["bucket"], result["width"], result["height"], result["num_frames"], result["fps"]) == (
+        bucket, 80, 48, 13, 12,
+    )  # fmt: skip
+    assert result["model"] == "tiny-wan" and result["engine"] == "diffusers" and result["cached"] is False
+    assert result["worker"] == worker.hostname
+    assert {"validating", "denoising", "encoding", "uploading", "total"} <= set(result["timings"])
+
+    # The presigned URL is built for the public endpoint, not the internal one.
+    assert result["url"].startswith(f"http://localhost:{s3_server.port}/{bucket}/{result['key']}?")
+    assert "X-Amz-Expires=" in result["url"]
+    video = tmp_path / "video.mp4"
+    with urllib.request.urlopen(result["url"], timeout=10) as response:
+        video.write_bytes(response.read())
+    assert video.stat().st_size == result["size_bytes"]
+    assert hashlib.sha256(video.read_bytes()).hexdigest() == result["sha256"]
+
+    stream = ffprobe(video)
+    assert stream["codec_name"] == "h264" and stream["pix_fmt"] == "yuv420p"
+    assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
+    assert stream["avg_frame_rate"] == "12/1"
+
+    # Exactly one object was written, under the derived key; the bucket is private (no policy).
+    assert [obj.object_name for obj in s3.list_objects(bucket, recursive=True)] == [result["key"]]
+
+
+def test_engine_loads_once_per_pool_child_across_tasks(start_worker, producer: Celery):
+    worker = start_worker()
+    results = [
+        producer.send_task("tasks.render", kwargs={"prompt": f"scene {i}", "seed": i}, queue="render").get(timeout=120)
+        for i in range(4)
+    ]
+    pids = {r["worker_pid"] for r in results}
+    assert len(pids) == 1
+    assert [child.pid for child in worker.pool_children()] == list(pids)
+    assert worker.log.count("engine loaded") == 1
+    assert f"(pid {pids.pop()}, load #1)" in worker.log
+
+
+def test_same_request_is_one_object_and_served_from_storage(start_worker, producer: Celery, s3, bucket):
+    start_worker()
+    kwargs = {"prompt": "a lighthouse at night", "seed": 7}
+    first = producer.send_task("tasks.render", kwargs=kwargs, queue="render").get(timeout=120)
+    second = producer.send_task("tasks.render", kwargs=kwargs, queue="render").get(timeout=120)
+    forced = producer.send_task("tasks.render", kwargs={**kwargs, "force": True}, queue="render").get(timeout=120)
+
+    assert first["key"] == second["key"] == forced["key"]
+    assert (first["cached"], second["cached"], forced["cached"]) == (False, True, False)
+    assert second["sha256"] == first["sha256"] == forced["sha256"]  # seeded: the same pixels
+    assert "denoising" not in second["timings"]
+    assert len(list(s3.list_objects(bucket, recursive=True))) == 1
+
+
+def test_progress_states_are_visible_to_the_producer(start_worker, producer: Celery, redis_server):
+    start_worker()
+    seen: list[dict] = []
+    async_result = producer.send_task(
+        "tasks.render", kwargs={"prompt": "waves", "num_inference_steps": 6, "height": 96, "width": 96, "num_frames": 17},
+        queue="render",
+    )
+
+    # Every state the worker publishes is also sent to the result backend's pub/sub channel.
+    def on_message(meta: dict) -> None:
+        if meta["status"] == "PROGRESS":
+            seen.append(meta["result"])
+
+    async_result.get(timeout=120, on_message=on_message, propagate=True)
+    stages = [m["stage"] for m in seen]
+    assert stages.index("validating") < stages.index("denoising") < stages.index("encoding") < stages.index("uploading")
+    steps = [m["step"] for m in seen if m["stage"] == "denoising"]
+    assert steps == list(range(0, 7))
+    assert all(m["steps"] == 6 for m in seen if m["stage"] == "denoising")

@@ -1,0 +1,55 @@
+"""Celery configuration for long GPU jobs, derived from settings.
+
+Why each value (see docs/settings.md for the operator's view):
+- JSON only: no pickle on the wire or in results; other content types are refused.
+- acks_late + reject_on_worker_lost + prefetch 1: a task is acknowledged only after it finished,
+  so a worker that dies gives its task back, and no worker hoards work it cannot start.
+- visibility_timeout above the hard time limit: Redis never hands a healthy running render to a
+  second worker.
+- worker_proc_alive_timeout above the model load: Celery's 4 s default SIGKILLs every
+  replacement child that loads a model, in a loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker_config.settings import Settings
+
+__all__ = ["RENDER_QUEUE", "celery_config"]
+
+RENDER_QUEUE = "render"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.REDIS_URL,
+        "result_backend": settings.REDIS_URL,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": dict(transport),
+        "broker_connection_retry_on_startup": True,
+        # Serialization: JSON only.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Delivery: nothing lost, nothing hoarded.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": RENDER_QUEUE,
+        "task_routes": {"tasks.render": {"queue": RENDER_QUEUE}},
+        # Visibility: STARTED and PROGRESS states, events for Flower, extended results.
+        "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "result_extended": True,
+        "result_expires": settings.RESULT_EXPIRES_S,
+        # Time limits and process lifecycle.
+        "task_soft_time_limit": settings.RENDER_SOFT_TIME_LIMIT_S,
+        "task_time_limit": settings.RENDER_TIME_LIMIT_S,
+        "worker_proc_alive_timeout": settings.WORKER_PROC_ALIVE_TIMEOUT_S,
+        "worker_concurrency": 1,
+        "worker_pool": "prefork",
+    }

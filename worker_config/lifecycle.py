@@ -1,0 +1,123 @@
+"""The worker process lifecycle: the engine is loaded once per pool child and released at exit.
+
+- ``worker_init`` (main process): settings are validated before any child starts; invalid
+  settings stop the worker with a message naming the variable.
+- ``worker_process_init`` (each pool child, or the main process with ``--pool=solo``): the
+  engine is loaded into ``ENGINE`` (the one owner). If loading fails, the process prints a
+  diagnosis and stops the whole worker (exit code 1): it never takes tasks it cannot run.
+- ``worker_process_shutdown``: the engine is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from tasks.errors import EngineNotReady
+from worker_config.settings import SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from tasks.engines import Engine
+
+__all__ = ["ENGINE", "EngineHolder", "install"]
+
+log = logging.getLogger("renderfarm.worker")
+_MAIN_PID: int | None = None
+
+
+class EngineHolder:
+    """Owns this process's engine: loaded once, used many times, released once."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self.loads = 0
+        self.load_seconds: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None
+
+    def load(self) -> Engine:
+        from tasks.engines import load_engine
+
+        settings = get_settings()
+        started = time.perf_counter()
+        self._engine = load_engine(settings)
+        self.load_seconds = time.perf_counter() - started
+        self.loads += 1
+        log.info(
+            "engine loaded: engine=%s model=%s device=%s in %.2fs (pid %d, load #%d)",
+            self._engine.name, self._engine.model_id, self._engine.device, self.load_seconds, os.getpid(), self.loads,
+        )  # fmt: skip
+        return self._engine
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            raise EngineNotReady(
+                f"no engine is loaded in process {os.getpid()}: it loads in worker_process_init, "
+                "so this code is running outside a worker pool process or after shutdown"
+            )
+        return self._engine
+
+    def release(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+            log.info("engine released (pid %d)", os.getpid())
+
+
+ENGINE = EngineHolder()
+
+
+def _on_worker_init(**_: Any) -> None:
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    try:
+        get_settings()
+    except SettingsError as exc:
+        print(f"renderfarm worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _on_process_init(**_: Any) -> None:
+    try:
+        ENGINE.load()
+    except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
+        _die(exc)
+
+
+def _on_process_shutdown(**_: Any) -> None:
+    ENGINE.release()
+
+
+def _die(exc: BaseException) -> None:
+    """Print a diagnosis, stop the whole worker (cold shutdown, exit 1) and end this process."""
+    settings = get_settings()
+    print(
+        f"renderfarm worker: FATAL: the engine failed to load in pid {os.getpid()} "
+        f"(MODEL_ID={settings.MODEL_ID}, ENGINE={settings.ENGINE or 'auto'}): {type(exc).__name__}: {exc}\n"
+        "The worker stops instead of taking tasks it cannot run.\n" + "".join(traceback.format_exception(exc)),
+        file=sys.stderr,
+        flush=True,
+    )
+    main = _MAIN_PID if _MAIN_PID is not None else os.getppid()
+    if main == os.getpid():  # --pool=solo: this is the main process
+        os._exit(1)
+    os.kill(main, signal.SIGQUIT)  # Celery's cold shutdown of the main process, exit code 1
+    os._exit(1)
+
+
+def install(app: Celery) -> None:
+    """Connect the lifecycle hooks (they only fire in worker processes)."""
+    signals.worker_init.connect(_on_worker_init, weak=False)
+    signals.worker_process_init.connect(_on_process_init, weak=False)
+    signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)
