@@ -57,8 +57,13 @@ class RenderTask(Task):
     max_retries=_settings.STORAGE_MAX_RETRIES,
     throws=(InvalidRequest, DeliveryLimitExceeded, RenderTimeout),
 )
-def render(self: RenderTask, **kwargs: Any) -> dict[str, Any]:
+def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Render a video from a text prompt; return where the MP4 is (see ``RenderResult``)."""
+    if args:
+        raise InvalidRequest(
+            f"invalid render request: tasks.render takes keyword arguments only, got {len(args)} positional; "
+            "send kwargs={'prompt': ...}"
+        )
     clock = StageClock(self)
     try:
         return _render(self, clock, kwargs)

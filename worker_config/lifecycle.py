@@ -31,7 +31,12 @@ if TYPE_CHECKING:
 __all__ = ["ENGINE", "EngineHolder", "install"]
 
 log = logging.getLogger("renderfarm.worker")
+EX_ENGINE_FAILED = 1
 _MAIN_PID: int | None = None
+# Shared with the pool children (created before they fork): set when a child could not load the
+# engine, so the main process exits non-zero (Celery's cold shutdown alone exits 0).
+_FATAL: Any = None
+_WORKER: Any = None  # the main process's WorkController
 
 
 class EngineHolder:
@@ -78,9 +83,12 @@ class EngineHolder:
 ENGINE = EngineHolder()
 
 
-def _on_worker_init(**_: Any) -> None:
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _MAIN_PID, _FATAL, _WORKER
+    import multiprocessing
+
+    _MAIN_PID, _WORKER = os.getpid(), sender
+    _FATAL = multiprocessing.RawValue("i", 0)
     try:
         get_settings()
     except SettingsError as exc:
@@ -99,6 +107,12 @@ def _on_process_shutdown(**_: Any) -> None:
     ENGINE.release()
 
 
+def _on_shutting_down(**_: Any) -> None:
+    # Runs in the main process's signal handler, after a child asked for the cold shutdown.
+    if _FATAL is not None and _FATAL.value and _WORKER is not None:
+        _WORKER.exitcode = EX_ENGINE_FAILED
+
+
 def _die(exc: BaseException) -> None:
     """Print a diagnosis, stop the whole worker (cold shutdown, exit 1) and end this process."""
     settings = get_settings()
@@ -111,9 +125,11 @@ def _die(exc: BaseException) -> None:
     )
     main = _MAIN_PID if _MAIN_PID is not None else os.getppid()
     if main == os.getpid():  # --pool=solo: this is the main process
-        os._exit(1)
-    os.kill(main, signal.SIGQUIT)  # Celery's cold shutdown of the main process, exit code 1
-    os._exit(1)
+        os._exit(EX_ENGINE_FAILED)
+    if _FATAL is not None:
+        _FATAL.value = 1
+    os.kill(main, signal.SIGQUIT)  # Celery's cold shutdown of the main process
+    os._exit(EX_ENGINE_FAILED)
 
 
 def install(app: Celery) -> None:
@@ -121,3 +137,4 @@ def install(app: Celery) -> None:
     signals.worker_init.connect(_on_worker_init, weak=False)
     signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)
+    signals.worker_shutting_down.connect(_on_shutting_down, weak=False)

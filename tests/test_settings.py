@@ -1,0 +1,86 @@
+"""Settings: read from the environment once, validated, and turned into Celery configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker_config.celery_config import celery_config
+from worker_config.settings import Settings, SettingsError, endpoint_parts, get_settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+def test_defaults_need_no_environment(clean_env):
+    s = get_settings()
+    assert (s.MODEL_ID, s.ENGINE, s.DISTRIBUTED_EXECUTOR_BACKEND, s.WORKER_MODE, s.MINIO_BUCKET) == (
+        "tiny-wan", None, "mp", "queue", "renders",
+    )  # fmt: skip
+    assert s.public_endpoint == s.MINIO_ENDPOINT
+    assert s.visibility_timeout_s == s.RENDER_TIME_LIMIT_S + 300
+
+
+def test_values_are_parsed_from_the_environment(clean_env):
+    clean_env.setenv("MINIO_SECURE", "true")
+    clean_env.setenv("NUM_GPUS", "4")
+    clean_env.setenv("ENGINE", "diffusers")
+    clean_env.setenv("DISTRIBUTED_EXECUTOR_BACKEND", "ray")
+    clean_env.setenv("MINIO_PUBLIC_ENDPOINT", "https://videos.example.com")
+    clean_env.setenv("VISIBILITY_TIMEOUT_S", "7200")
+    s = get_settings()
+    assert (s.MINIO_SECURE, s.NUM_GPUS, s.ENGINE, s.DISTRIBUTED_EXECUTOR_BACKEND) == (True, 4, "diffusers", "ray")
+    assert s.visibility_timeout_s == 7200
+    assert endpoint_parts(s.public_endpoint, secure=False) == ("videos.example.com", True)
+
+
+def test_settings_are_read_once(clean_env):
+    first = get_settings()
+    clean_env.setenv("MODEL_ID", "something-else")
+    assert get_settings() is first
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("DISTRIBUTED_EXECUTOR_BACKEND", "threads", "DISTRIBUTED_EXECUTOR_BACKEND (got 'threads'): Input should be 'mp' or 'ray'"),
+        ("ENGINE", "onnx", "ENGINE (got 'onnx'): Input should be 'fastvideo' or 'diffusers'"),
+        ("WORKER_MODE", "turbo", "WORKER_MODE (got 'turbo'): Input should be 'queue' or 'buffer'"),
+        ("NUM_GPUS", "0", "NUM_GPUS (got '0'): Input should be greater than or equal to 1"),
+        ("MINIO_SECURE", "maybe", "MINIO_SECURE (got 'maybe'): Input should be a valid boolean"),
+        ("MINIO_BUCKET", "Bad_Bucket", "MINIO_BUCKET (got 'Bad_Bucket'): String should match pattern"),
+        ("MINIO_ENDPOINT", "ftp://x:1", "is not an S3 endpoint"),
+        ("MINIO_PUBLIC_ENDPOINT", "http://cdn.example.com/videos", "is not an S3 endpoint"),
+        ("PRESIGN_EXPIRES_S", "999999999", "PRESIGN_EXPIRES_S (got '999999999'): Input should be less than or equal to 604800"),
+        ("WORKER_PROC_ALIVE_TIMEOUT_S", "4", "WORKER_PROC_ALIVE_TIMEOUT_S (got '4'): Input should be greater than 4"),
+        ("VISIBILITY_TIMEOUT_S", "600", "VISIBILITY_TIMEOUT_S must be greater than RENDER_TIME_LIMIT_S"),
+        ("RENDER_TIME_LIMIT_S", "100", "RENDER_TIME_LIMIT_S must be greater than RENDER_SOFT_TIME_LIMIT_S"),
+    ],
+)
+def test_invalid_values_name_the_variable_and_what_is_allowed(clean_env, name, value, expected):
+    clean_env.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        get_settings()
+    assert expected in str(info.value)
+
+
+def test_celery_is_configured_for_long_gpu_jobs(clean_env):
+    clean_env.setenv("REDIS_URL", "redis://:pw@redis:6379/2")
+    s = get_settings()
+    conf = celery_config(s)
+    assert conf["broker_url"] == conf["result_backend"] == "redis://:pw@redis:6379/2"
+    assert conf["accept_content"] == conf["result_accept_content"] == ["json"]
+    assert conf["task_serializer"] == conf["result_serializer"] == "json"
+    assert conf["task_acks_late"] is conf["task_reject_on_worker_lost"] is conf["task_track_started"] is True
+    assert conf["worker_prefetch_multiplier"] == conf["worker_concurrency"] == 1
+    assert conf["task_default_queue"] == "render"
+    assert conf["task_soft_time_limit"] < conf["task_time_limit"]
+    assert conf["broker_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+    assert conf["result_backend_transport_options"]["visibility_timeout"] > conf["task_time_limit"]
+    assert conf["worker_proc_alive_timeout"] > 4  # Celery's default kills a replacement child that loads a model
+    assert conf["result_expires"] == s.RESULT_EXPIRES_S

@@ -1,0 +1,34 @@
+"""MP4 encoding: H.264, yuv420p, the right frame count, size and rate."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from tasks.video import encode_mp4, sha256_file, to_uint8_frames
+
+
+def test_encoded_video_decodes_to_the_same_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = to_uint8_frames(rng.random((17, 32, 64, 3), dtype=np.float32))
+    path = encode_mp4(frames, fps=24, path=tmp_path / "out.mp4")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        assert stream.average_rate == 24
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert len(decoded) == 17 and decoded[0].shape == (32, 64, 3)
+    assert not list(tmp_path.glob("*.part"))
+    assert len(sha256_file(path)) == 64
+
+
+def test_float_frames_are_clipped_and_scaled():
+    frames = np.array([[[[-0.5, 0.5, 1.5]]]], dtype=np.float32)
+    assert to_uint8_frames(frames).tolist() == [[[[0, 128, 255]]]]
+
+
+def test_frames_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"expected frames shaped \(T, H, W, 3\)"):
+        to_uint8_frames(np.zeros((4, 8, 8), dtype=np.float32))

@@ -1,0 +1,73 @@
+"""Worker faults with real processes: load failures, bad settings, a child killed mid-render, poison tasks."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from celery import Celery
+
+from tests.support import wait_for
+
+SLOW = {"prompt": "a slow render", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 40, "seed": 11}
+
+
+def wait_for_denoising(result, timeout: float = 120) -> None:
+    def denoising() -> bool:
+        return result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising"
+
+    wait_for(denoising, timeout, "the render to reach the denoising stage")
+
+
+def test_a_worker_whose_model_fails_to_load_exits_and_loses_no_task(start_worker, producer: Celery, redis_server):
+    queued = producer.send_task("tasks.render", kwargs={"prompt": "waiting"}, queue="render")
+    worker = start_worker(wait=False, MODEL_ID="/nonexistent/checkpoint", ENGINE="diffusers")
+    assert worker.proc.wait(60) == 1
+    assert "FATAL: the engine failed to load" in worker.log
+    assert "MODEL_ID=/nonexistent/checkpoint" in worker.log
+    assert "The worker stops instead of taking tasks it cannot run." in worker.log
+    assert "]: render " not in worker.log  # no task was started
+    assert queued.state == "PENDING"
+    # The task is still in Redis (queued, or restored from the unacked set), ready for a healthy worker.
+    healthy = start_worker()
+    assert queued.get(timeout=120)["worker"] == healthy.hostname
+
+
+def test_invalid_settings_stop_the_worker_with_the_variable_named(start_worker):
+    worker = start_worker(wait=False, DISTRIBUTED_EXECUTOR_BACKEND="threads")
+    assert worker.proc.wait(60) != 0
+    assert "DISTRIBUTED_EXECUTOR_BACKEND (got 'threads'): Input should be 'mp' or 'ray'" in worker.log
+    assert "engine loaded" not in worker.log
+
+
+def test_pool_child_killed_mid_render_is_replaced_and_the_task_completes_once(start_worker, producer: Celery, s3, bucket):
+    worker = start_worker()
+    first_child = worker.pool_children()[0].pid
+    result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
+    wait_for_denoising(result)
+    os.kill(first_child, signal.SIGKILL)
+
+    done = result.get(timeout=180)
+    assert done["worker_pid"] != first_child
+    assert worker.log.count("engine loaded") == 2  # the replacement child loaded the model again
+    assert "WorkerLostError" in worker.log or "Process 'ForkPoolWorker-1' pid:" in worker.log
+    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert done["cached"] is False
+
+
+def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(start_worker, producer: Celery):
+    worker = start_worker(MAX_DELIVERIES="2")
+    poison = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
+    for delivery in range(2):
+        wait_for_denoising(poison)
+        child = worker.pool_children()[0].pid
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda c=child: worker.pool_children() and worker.pool_children()[0].pid != c, 60, "a new child")
+        wait_for(lambda n=delivery: worker.log.count("engine loaded") == n + 2, 60, "the new child's engine")
+
+    with pytest.raises(Exception, match=r"delivered 3 times .* giving up after MAX_DELIVERIES=2") as info:
+        poison.get(timeout=120)
+    assert type(info.value).__name__ == "DeliveryLimitExceeded"
+    # The queue keeps flowing.
+    assert producer.send_task("tasks.render", kwargs={"prompt": "next"}, queue="render").get(timeout=120)["key"]
