@@ -44,7 +44,9 @@ def resolve(request: RenderRequest, served_model: str, task_id: str, limits: Lim
         spec["seed"] = seed_for_task(task_id)
     for field in ("prompt", "negative_prompt"):
         if len(spec[field]) > limits.max_prompt_chars:
-            raise InvalidRequest(f"{field}: {len(spec[field])} characters; at most {limits.max_prompt_chars} are allowed")
+            raise InvalidRequest(
+                f"{field}: {len(spec[field])} characters; at most {limits.max_prompt_chars} are allowed"
+            )
     budget = spec["width"] * spec["height"] * spec["num_frames"]
     if budget > limits.max_pixel_frames:
         raise InvalidRequest(

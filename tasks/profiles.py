@@ -27,8 +27,12 @@ class Profile:
         return asdict(self)
 
 
-_WAN21 = Profile(height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0, fps=16, negative_prompt="")
-_FASTWAN = Profile(height=480, width=832, num_frames=81, num_inference_steps=3, guidance_scale=1.0, fps=16, negative_prompt="")
+_WAN21 = Profile(
+    height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0, fps=16, negative_prompt=""
+)
+_FASTWAN = Profile(
+    height=480, width=832, num_frames=81, num_inference_steps=3, guidance_scale=1.0, fps=16, negative_prompt=""
+)
 _TINY = Profile(height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=5.0, fps=8, negative_prompt="")
 
 _PROFILES = {

@@ -15,7 +15,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from tasks.celery import app
-from tasks.errors import DeliveryLimitExceeded, InvalidRequest, RenderError, RenderTimeout, TransientError
+from tasks.errors import (
+    DeliveryLimitExceeded,
+    InvalidRequest,
+    RenderError,
+    RenderTimeout,
+    StorageUnavailable,
+    TransientError,
+)
 from tasks.keys import RenderSpec, object_key, resolve
 from tasks.progress import StageClock
 from tasks.schemas import Limits, RenderResult, parse_request
@@ -85,7 +92,7 @@ def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict
              spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
 
     clock.enter("checking_cache")
-    if not request.force and (hit := task.store.find(key)) is not None and "sha256" in hit.metadata:
+    if not request.force and (hit := _find_stored(task, key)) is not None:
         log.info("served from storage: %s", key)
         return _result(task, hit, clock, cached=True)
 
@@ -99,6 +106,17 @@ def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict
     stored = task.store.put(key, video.path, video.metadata)
     task.spool.discard(key)
     return _result(task, stored, clock, cached=False)
+
+
+def _find_stored(task: RenderTask, key: str) -> StoredVideo | None:
+    """The finished video at ``key``, if any. Storage being down is not a reason to idle the GPU:
+    the render goes ahead, waits in the spool, and its upload is retried."""
+    try:
+        hit = task.store.find(key)
+    except StorageUnavailable as exc:
+        log.warning("cannot check storage for %s, rendering anyway: %s", key, exc)
+        return None
+    return hit if hit is not None and "sha256" in hit.metadata else None
 
 
 def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key: str) -> SpooledVideo:

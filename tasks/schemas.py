@@ -22,7 +22,9 @@ _ALLOWED_CONTROL = {"\n", "\t"}
 def _check_text(value: str, field: str) -> str:
     bad = [ch for ch in value if unicodedata.category(ch) in ("Cc", "Cs", "Co") and ch not in _ALLOWED_CONTROL]
     if bad:
-        raise ValueError(f"{field} contains control character {bad[0]!r}; only printable text, newlines and tabs are allowed")
+        raise ValueError(
+            f"{field} contains control character {bad[0]!r}; only printable text, newlines and tabs are allowed"
+        )
     return value
 
 

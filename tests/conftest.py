@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.support import RedisServer, S3Server, WorkerProcess
+from tests.support import RedisServer, S3Server, TestWorker, minio_client
 
 _names = itertools.count(1)
 
@@ -51,7 +51,9 @@ def bucket() -> str:
 
 
 @pytest.fixture
-def worker_env(redis_server: RedisServer, s3_server: S3Server, model_cache: Path, bucket: str, tmp_path: Path) -> dict[str, str]:
+def worker_env(
+    redis_server: RedisServer, s3_server: S3Server, model_cache: Path, bucket: str, tmp_path: Path
+) -> dict[str, str]:
     """The environment of a worker: only the documented settings (plus PATH and the like)."""
     redis_server.client.flushall()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
@@ -71,13 +73,15 @@ def worker_env(redis_server: RedisServer, s3_server: S3Server, model_cache: Path
 
 
 @pytest.fixture
-def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., TestWorker]]:
     """Start real worker processes: ``start_worker(wait=True, **env_overrides)``."""
-    started: list[WorkerProcess] = []
+    started: list[TestWorker] = []
 
-    def start(wait: bool = True, args: tuple[str, ...] = (), **overrides: str) -> WorkerProcess:
+    def start(wait: bool = True, args: tuple[str, ...] = (), **overrides: str) -> TestWorker:
         name = f"w{next(_names)}"
-        worker = WorkerProcess(name, {**worker_env, **overrides}, tmp_path / f"{name}.log", args)
+        worker = TestWorker(
+            name, {**worker_env, **overrides}, tmp_path / f"{name}.log", ("--without-mingle", "--without-gossip", *args)
+        )
         started.append(worker)
         return worker.wait_ready() if wait else worker
 
@@ -96,5 +100,5 @@ def producer(redis_server: RedisServer) -> Iterator[Celery]:
 
 
 @pytest.fixture
-def s3(s3_server: S3Server):  # noqa: ANN201 - minio.Minio
-    return s3_server.client()
+def s3(s3_server: S3Server):
+    return minio_client(s3_server)

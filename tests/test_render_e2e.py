@@ -88,7 +88,8 @@ def test_progress_states_are_visible_to_the_producer(start_worker, producer: Cel
     start_worker()
     seen: list[dict] = []
     async_result = producer.send_task(
-        "tasks.render", kwargs={"prompt": "waves", "num_inference_steps": 6, "height": 96, "width": 96, "num_frames": 17},
+        "tasks.render",
+        kwargs={"prompt": "waves", "num_inference_steps": 6, "height": 96, "width": 96, "num_frames": 17},
         queue="render",
     )
 

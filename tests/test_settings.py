@@ -48,7 +48,11 @@ def test_settings_are_read_once(clean_env):
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("DISTRIBUTED_EXECUTOR_BACKEND", "threads", "DISTRIBUTED_EXECUTOR_BACKEND (got 'threads'): Input should be 'mp' or 'ray'"),
+        (
+            "DISTRIBUTED_EXECUTOR_BACKEND",
+            "threads",
+            "DISTRIBUTED_EXECUTOR_BACKEND (got 'threads'): Input should be 'mp' or 'ray'",
+        ),
         ("ENGINE", "onnx", "ENGINE (got 'onnx'): Input should be 'fastvideo' or 'diffusers'"),
         ("WORKER_MODE", "turbo", "WORKER_MODE (got 'turbo'): Input should be 'queue' or 'buffer'"),
         ("NUM_GPUS", "0", "NUM_GPUS (got '0'): Input should be greater than or equal to 1"),
@@ -56,7 +60,11 @@ def test_settings_are_read_once(clean_env):
         ("MINIO_BUCKET", "Bad_Bucket", "MINIO_BUCKET (got 'Bad_Bucket'): String should match pattern"),
         ("MINIO_ENDPOINT", "ftp://x:1", "is not an S3 endpoint"),
         ("MINIO_PUBLIC_ENDPOINT", "http://cdn.example.com/videos", "is not an S3 endpoint"),
-        ("PRESIGN_EXPIRES_S", "999999999", "PRESIGN_EXPIRES_S (got '999999999'): Input should be less than or equal to 604800"),
+        (
+            "PRESIGN_EXPIRES_S",
+            "999999999",
+            "PRESIGN_EXPIRES_S (got '999999999'): Input should be less than or equal to 604800",
+        ),
         ("WORKER_PROC_ALIVE_TIMEOUT_S", "4", "WORKER_PROC_ALIVE_TIMEOUT_S (got '4'): Input should be greater than 4"),
         ("VISIBILITY_TIMEOUT_S", "600", "VISIBILITY_TIMEOUT_S must be greater than RENDER_TIME_LIMIT_S"),
         ("RENDER_TIME_LIMIT_S", "100", "RENDER_TIME_LIMIT_S must be greater than RENDER_SOFT_TIME_LIMIT_S"),

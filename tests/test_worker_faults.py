@@ -41,7 +41,9 @@ def test_invalid_settings_stop_the_worker_with_the_variable_named(start_worker):
     assert "engine loaded" not in worker.log
 
 
-def test_pool_child_killed_mid_render_is_replaced_and_the_task_completes_once(start_worker, producer: Celery, s3, bucket):
+def test_pool_child_killed_mid_render_is_replaced_and_the_task_completes_once(
+    start_worker, producer: Celery, s3, bucket
+):
     worker = start_worker()
     first_child = worker.pool_children()[0].pid
     result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")

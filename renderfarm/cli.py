@@ -1,0 +1,156 @@
+"""The ``renderfarm`` command: demo, submit, status, result.
+
+Errors print one clear line (and the fix where known), not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Render videos from text prompts on a Celery farm.")
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+Height = Annotated[int | None, typer.Option(help="Frame height in pixels (multiple of 16).")]
+Width = Annotated[int | None, typer.Option(help="Frame width in pixels (multiple of 16).")]
+Frames = Annotated[int | None, typer.Option("--frames", help="Number of frames (4k+1).")]
+Steps = Annotated[int | None, typer.Option("--steps", help="Denoising steps.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed (default: derived from the task id).")]
+Fps = Annotated[int | None, typer.Option(help="Frames per second of the MP4.")]
+
+
+def _request(prompt: str, **fields: Any) -> dict[str, Any]:
+    return {"prompt": prompt, **{k: v for k, v in fields.items() if v is not None}}
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Argument(help="What to render.")] = "a red fox running through fresh snow",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to save the MP4.")] = Path("out"),
+    height: Height = 128,
+    width: Width = 128,
+    frames: Frames = 17,
+    steps: Steps = 6,
+    seed: Seed = 42,
+    fps: Fps = 8,
+) -> None:
+    """One real render through the real queue on this machine's CPU (tiny-wan), saved under --out."""
+    from renderfarm.demo import run_demo
+
+    request = _request(
+        prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, seed=seed, fps=fps
+    )
+    try:
+        video = run_demo(console, out_dir, **request)
+    except (RuntimeError, TimeoutError) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        _fail(f"{type(exc).__name__}: {exc}")
+    typer.echo(str(video))
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="What to render.")],
+    height: Height = None,
+    width: Width = None,
+    frames: Frames = None,
+    steps: Steps = None,
+    seed: Seed = None,
+    fps: Fps = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="What to avoid.")] = None,
+    force: Annotated[bool, typer.Option(help="Render again even if the same video is stored.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait with a progress bar and print the result.")] = False,
+    save: Annotated[Path | None, typer.Option(help="With --wait: download the MP4 here.")] = None,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600.0,
+) -> None:
+    """Send a render to the queue (REDIS_URL); print its task id, or with --wait its result."""
+    from tasks import InvalidRequest, render
+    from tasks.schemas import parse_request
+
+    request = _request(prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, seed=seed,
+                       fps=fps, negative_prompt=negative_prompt, force=force or None)  # fmt: skip
+    try:
+        parse_request(request)  # the worker validates again; this fails fast without a round trip
+        async_result = render.delay(**request)
+    except InvalidRequest as exc:
+        _fail(str(exc), 2)
+    except Exception as exc:  # noqa: BLE001
+        _fail(f"could not reach the broker at REDIS_URL: {exc}")
+    if not wait:
+        typer.echo(async_result.id)
+        return
+    _wait_and_print(async_result, timeout, save)
+
+
+def _wait_and_print(async_result: Any, timeout: float, save: Path | None) -> None:
+    from renderfarm.progress import wait_for_render
+
+    try:
+        result = wait_for_render(async_result, timeout=timeout)
+    except TimeoutError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the task's own error, one line
+        _fail(f"render {async_result.id} failed: {type(exc).__name__}: {exc}")
+    if save is not None:
+        _download(result["url"], save)
+        console.print(f"saved {save}")
+    typer.echo(json.dumps(result, indent=2))
+
+
+def _download(url: str, path: Path) -> None:
+    import urllib.request
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=300) as response:
+        path.write_bytes(response.read())
+
+
+@app.command()
+def status(task_id: str) -> None:
+    """Print a render's state and progress."""
+    from renderfarm.progress import describe
+    from tasks import app as celery_app
+
+    result = celery_app.AsyncResult(task_id)
+    info = result.info if isinstance(result.info, dict) else ({"error": str(result.info)} if result.info else {})
+    typer.echo(
+        json.dumps({"id": task_id, "state": result.state, "progress": describe(result.state, info), "info": info})
+    )
+
+
+@app.command()
+def result(
+    task_id: str,
+    save: Annotated[Path | None, typer.Option(help="Download the MP4 here.")] = None,
+    timeout: Annotated[float, typer.Option(help="Wait at most this many seconds.")] = 3600.0,
+) -> None:
+    """Wait for a render's result, print it, and optionally download the MP4."""
+    from tasks import app as celery_app
+
+    _wait_and_print(celery_app.AsyncResult(task_id), timeout, save)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything the demo and the tests need, on a fresh Debian/Ubuntu machine. Idempotent,
+# non-interactive (no stdin). What it installs:
+#   - Debian packages: redis-server (broker and result backend), ffmpeg (ffprobe, to inspect MP4s)
+#   - .venv/ with torch pinned to the local CPU build (constraints.txt), then the project with its
+#     worker, demo and dev extras, every later install held to the same torch by the constraints.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v ffprobe >/dev/null || missing+=(ffmpeg)
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    SUDO=""
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || { echo "need root (or sudo) to apt-get install ${missing[*]}" >&2; exit 1; }
+        SUDO="sudo -n"
+    fi
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --progress-bar off -c "$ROOT/constraints.txt")
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    say "installing torch (pinned in constraints.txt: the local CPU build)"
+    "${PIP[@]}" torch
+fi
+say "installing the project with its worker, demo and dev extras"
+"${PIP[@]}" -e "$ROOT[worker,demo,dev]"
+
+"$VENV/bin/python" - <<'PY'
+import celery, diffusers, torch
+print(f"ready: torch {torch.__version__}, diffusers {diffusers.__version__}, celery {celery.__version__}")
+PY
