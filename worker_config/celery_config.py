@@ -29,6 +29,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "result_backend_transport_options": dict(transport),
         "broker_connection_retry_on_startup": True,
+        # A Redis restart is survived: result reads and writes retry with backoff (up to 10 s apart).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         # Serialization: JSON only.
         "task_serializer": "json",
         "result_serializer": "json",
