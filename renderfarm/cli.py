@@ -1,4 +1,4 @@
-"""The ``renderfarm`` command: demo, submit, status, result.
+"""The ``renderfarm`` command: demo, submit, status, cancel, result.
 
 Errors print one clear line (and the fix where known), not a traceback.
 """
@@ -130,6 +130,19 @@ def status(task_id: str) -> None:
     typer.echo(
         json.dumps({"id": task_id, "state": result.state, "progress": describe(result.state, info), "info": info})
     )
+
+
+@app.command()
+def cancel(task_id: str) -> None:
+    """Cancel a render: a queued one never starts, a running one stops at its next step."""
+    from tasks import app as celery_app
+    from tasks.cancel import cancel as request_cancel
+
+    try:
+        request_cancel(task_id, celery_app)
+    except Exception as exc:  # noqa: BLE001
+        _fail(f"could not reach the broker at REDIS_URL: {exc}")
+    console.print(f"cancel requested for {task_id}")
 
 
 @app.command()

@@ -11,9 +11,10 @@ from functools import cached_property
 from typing import Any
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
+from tasks.cancel import cancel_requested
 from tasks.celery import app
 from tasks.errors import (
     DeliveryLimitExceeded,
@@ -74,6 +75,11 @@ def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     clock = StageClock(self)
     try:
         return _render(self, clock, kwargs)
+    except RenderCancelled:
+        reason = f"cancelled by request during stage {clock.stage!r}"
+        log.info("%s; the model stays loaded", reason)
+        self.backend.mark_as_revoked(self.request.id, reason=reason, request=self.request)
+        raise Ignore() from None
     except SoftTimeLimitExceeded:
         limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
         raise RenderTimeout(
@@ -82,8 +88,14 @@ def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         ) from None
 
 
+class RenderCancelled(Exception):
+    """Raised from the progress callback when the producer cancelled this task."""
+
+
 def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict[str, Any]:
     clock.enter("validating")
+    if cancel_requested(task.backend.client, task.request.id):
+        raise RenderCancelled
     request = parse_request(kwargs)
     spec = resolve(request, get_settings().MODEL_ID, task.request.id or "local", task.limits)
     key = object_key(spec)
@@ -124,7 +136,14 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
     from worker_config.lifecycle import ENGINE
 
     engine = ENGINE.get()
-    output = engine.render(spec, clock.progress)
+    client, task_id = task.backend.client, task.request.id
+
+    def progress(stage: str, step: int | None, steps: int | None) -> None:
+        if step is not None and cancel_requested(client, task_id):
+            raise RenderCancelled
+        clock.progress(stage, step, steps)
+
+    output = engine.render(spec, progress)
     clock.enter("encoding")
     path = task.spool.video_path(key)
     if output.video_path is not None:
