@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker_config import lifecycle
+from worker_config import lease, lifecycle
 from worker_config.celery_config import celery_config
 from worker_config.settings import get_settings
 
@@ -13,3 +13,4 @@ __all__ = ["app"]
 app = Celery("tasks", include=["tasks.render"])
 app.conf.update(celery_config(get_settings()))
 lifecycle.install(app)
+lease.install(app)

@@ -175,7 +175,8 @@ def _count_delivery(task: RenderTask) -> None:
     name = f"renderfarm:deliveries:{task.request.id}:{task.request.retries}"
     client = task.backend.client
     count = client.incr(name)
-    client.expire(name, get_settings().visibility_timeout_s * (limit + 1))
+    settings = get_settings()
+    client.expire(name, (settings.RENDER_TIME_LIMIT_S + settings.VISIBILITY_TIMEOUT_S) * (limit + 1))
     if count > limit:
         raise DeliveryLimitExceeded(
             f"task {task.request.id} was delivered {count} times and its worker process died during each of "

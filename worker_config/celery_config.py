@@ -4,8 +4,8 @@ Why each value (see docs/settings.md for the operator's view):
 - JSON only: no pickle on the wire or in results; other content types are refused.
 - acks_late + reject_on_worker_lost + prefetch 1: a task is acknowledged only after it finished,
   so a worker that dies gives its task back, and no worker hoards work it cannot start.
-- visibility_timeout above the hard time limit: Redis never hands a healthy running render to a
-  second worker.
+- a short visibility timeout with a lease renewed while the task runs (worker_config/lease.py):
+  a healthy render is never handed to a second worker, a dead node's task moves on in minutes.
 - worker_proc_alive_timeout above the model load: Celery's 4 s default SIGKILLs every
   replacement child that loads a model, in a loop.
 """
@@ -22,7 +22,12 @@ RENDER_QUEUE = "render"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    transport = {
+        "visibility_timeout": settings.VISIBILITY_TIMEOUT_S,
+        # Sweep for lapsed leases every few seconds (kombu's default is ~100 s: interval 10 x throttle 10).
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.REDIS_URL,
         "result_backend": settings.REDIS_URL,

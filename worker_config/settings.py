@@ -52,12 +52,36 @@ class Settings(BaseSettings):
     CUDA_VISIBLE_DEVICES: str | None = None
     PYTORCH_CUDA_ALLOC_CONF: str | None = None
 
+    # --- FastVideo engine (ENGINE=fastvideo) and the start-up self-check ------------------------
+    # Passed to VideoGenerator.from_pretrained under FastVideo's own names (in brackets) by
+    # tasks/engines/fastvideo_engine.py. Without an accelerator, tasks/engines/fastvideo_cpu.py
+    # overrides the offload, pinning and precision options (a CPU has nothing to offload to).
+    FASTVIDEO_DIT_CPU_OFFLOAD: bool = True  # [dit_cpu_offload]
+    FASTVIDEO_TEXT_ENCODER_CPU_OFFLOAD: bool = True  # [text_encoder_cpu_offload]
+    FASTVIDEO_VAE_CPU_OFFLOAD: bool = True  # [vae_cpu_offload]
+    FASTVIDEO_PIN_CPU_MEMORY: bool = True  # [pin_cpu_memory]
+    FASTVIDEO_USE_FSDP_INFERENCE: bool = False  # [use_fsdp_inference]
+    # [dit_precision]; "auto" keeps the model's own default (fp32 everywhere on CPU).
+    FASTVIDEO_PRECISION: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # What a pool child tries, in order, when the self-check finds FastVideo's mp executor cannot
+    # run here (multiprocessing or /dev/shm unusable): "ray" (FastVideo with the Ray executor),
+    # "diffusers" (the diffusers engine). Comma-separated; "none" or "" = exit with the diagnosis.
+    ENGINE_FALLBACKS: str = "ray,diffusers"
+    # Free space /dev/shm must have for FastVideo's mp executor (Docker's default is 64 MB).
+    MIN_SHM_MB: int = Field(1024, ge=0)
+    # Print the self-check banner in every pool child before it takes work (python -m worker_config.selfcheck).
+    SELFCHECK: bool = True
+
     # Worker behaviour.
     WORKER_MODE: Literal["queue", "buffer"] = "queue"
     SPOOL_DIR: Path = _DEFAULT_CACHE / "spool"
     RENDER_SOFT_TIME_LIMIT_S: int = Field(1800, ge=1)
     RENDER_TIME_LIMIT_S: int = Field(1900, ge=2)
-    VISIBILITY_TIMEOUT_S: int | None = Field(None, ge=60)
+    # Redis gives an unacknowledged task to another worker once its lease is this old. A running
+    # task's lease is renewed every LEASE_RENEW_S by its worker's main process (worker_config/lease.py),
+    # so a slow healthy render is never started twice, and a dead node's task moves on in minutes.
+    VISIBILITY_TIMEOUT_S: int = Field(300, ge=3)
+    LEASE_RENEW_S: float = Field(30.0, gt=0)
     WORKER_PROC_ALIVE_TIMEOUT_S: float = Field(900.0, gt=4)
     RESULT_EXPIRES_S: int = Field(7 * 24 * 3600, ge=60)
     MAX_DELIVERIES: int = Field(3, ge=1, le=20)
@@ -71,6 +95,19 @@ class Settings(BaseSettings):
     def _blank_engine_is_auto(cls, value: object) -> object:
         return None if value in ("", "auto") else value
 
+    @field_validator("ENGINE_FALLBACKS", mode="before")
+    @classmethod
+    def _fallbacks_known(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        items = [item.strip() for item in value.split(",") if item.strip() and item.strip() != "none"]
+        unknown = [item for item in items if item not in ("ray", "diffusers")]
+        if unknown or len(set(items)) != len(items):
+            raise ValueError(
+                f"use a comma-separated list of 'ray' and 'diffusers' (each at most once), or 'none'; got {value!r}"
+            )
+        return ",".join(items)
+
     @field_validator("MINIO_ENDPOINT", "MINIO_PUBLIC_ENDPOINT")
     @classmethod
     def _endpoint_shape(cls, value: str | None) -> str | None:
@@ -82,18 +119,23 @@ class Settings(BaseSettings):
     def _limits_are_consistent(self) -> Settings:
         if self.RENDER_TIME_LIMIT_S <= self.RENDER_SOFT_TIME_LIMIT_S:
             raise ValueError("RENDER_TIME_LIMIT_S must be greater than RENDER_SOFT_TIME_LIMIT_S")
-        if self.VISIBILITY_TIMEOUT_S is not None and self.VISIBILITY_TIMEOUT_S <= self.RENDER_TIME_LIMIT_S:
+        if self.VISIBILITY_TIMEOUT_S < 3 * self.LEASE_RENEW_S:
             raise ValueError(
-                "VISIBILITY_TIMEOUT_S must be greater than RENDER_TIME_LIMIT_S, or a healthy render "
-                "would be delivered to a second worker while it still runs"
+                "VISIBILITY_TIMEOUT_S must be at least 3 x LEASE_RENEW_S, or a healthy render's lease could "
+                "lapse between two renewals and the task be delivered to a second worker"
             )
         return self
 
     # Derived values: computed, never stored twice.
     @property
-    def visibility_timeout_s(self) -> int:
-        """Redis redelivers an unacknowledged task after this long; always above the hard limit."""
-        return self.VISIBILITY_TIMEOUT_S or self.RENDER_TIME_LIMIT_S + 300
+    def restore_interval_s(self) -> int:
+        """How often each worker sweeps Redis for lapsed leases (at most every 10 s)."""
+        return max(1, min(10, self.VISIBILITY_TIMEOUT_S // 3))
+
+    @property
+    def engine_fallbacks(self) -> tuple[str, ...]:
+        """ENGINE_FALLBACKS as a tuple, in order; empty when the worker should exit instead."""
+        return tuple(item for item in self.ENGINE_FALLBACKS.split(",") if item)
 
     @property
     def public_endpoint(self) -> str:
