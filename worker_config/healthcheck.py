@@ -1,0 +1,88 @@
+"""Container health check: healthy only when this host's worker has its model loaded.
+
+``python -m worker_config.healthcheck [--name render] [--timeout 5]`` exits 0 when the worker
+``<name>@<this host>`` answers over Celery's control API *and* its pool child has finished
+``worker_process_init`` (where ``worker_config.lifecycle`` loads the engine); 1 otherwise: no
+answer, broker down, invalid settings, or the model still loading.
+
+A plain ``control.ping`` is not enough: the main process answers it as soon as it consumes, while
+the pool child may still be loading the model. So this asks for the worker's ``stats``: a prefork
+child is counted in ``pool.writes.inqueues.total`` only after it sent its "up" message, which it
+sends once its initializer (worker_process_init, the model load) returned. With ``--pool=solo``
+the load runs in the main process before it consumes, so any answer means loaded. A worker whose
+load fails stops itself and never answers.
+
+The worker must run under the node name ``<name>@%h`` (compose/worker-entrypoint.sh uses
+``render@%h``; Celery's ``%h`` is ``socket.gethostname()``). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["DEFAULT_NAME", "node_name", "worker_stats", "engine_loaded", "main"]
+
+DEFAULT_NAME = "render"
+
+
+def node_name(name: str = DEFAULT_NAME, hostname: str | None = None) -> str:
+    """The Celery node name of the worker ``name`` on this host (``name@hostname``)."""
+    return f"{name}@{hostname or socket.gethostname()}"
+
+
+def worker_stats(node: str, timeout: float) -> dict[str, Any] | None:
+    """The ``stats`` reply of the worker ``node``, or None if it did not answer within ``timeout``."""
+    from tasks.celery import app
+
+    # Fail fast when the broker is down instead of retrying for minutes.
+    app.conf.broker_connection_timeout = timeout
+    app.conf.broker_connection_retry = False
+    app.conf.broker_connection_max_retries = 1
+    try:
+        replies = app.control.inspect(destination=[node], timeout=timeout).stats() or {}
+    finally:
+        app.close()
+    return replies.get(node)
+
+
+def engine_loaded(stats: dict[str, Any]) -> tuple[bool, str]:
+    """(loaded?, why) from a worker's ``stats`` reply."""
+    pool = stats.get("pool") or {}
+    processes = pool.get("processes") or []
+    writes = pool.get("writes")
+    if not isinstance(writes, dict):  # solo/threads: the engine loads before the worker consumes
+        return True, f"{pool.get('implementation', 'pool')} worker answers"
+    up = int(writes.get("inqueues", {}).get("total", 0))
+    if up < 1:
+        return False, f"pool processes {processes} still loading the model (worker_process_init)"
+    return True, f"{up} of {len(processes)} pool process(es) loaded the model"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_config.healthcheck",
+        description="Exit 0 only if this host's render worker answers and its model is loaded.",
+    )
+    parser.add_argument("--name", default=DEFAULT_NAME, help="worker name before '@' (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)")
+    args = parser.parse_args(argv)
+    node = node_name(args.name)
+    try:
+        stats = worker_stats(node, args.timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure (settings, broker) means unhealthy
+        print(f"unhealthy: {node}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if stats is None:
+        print(f"unhealthy: {node} did not answer within {args.timeout:g}s", file=sys.stderr)
+        return 1
+    loaded, why = engine_loaded(stats)
+    print(f"{'healthy' if loaded else 'unhealthy'}: {node}: {why}", file=sys.stdout if loaded else sys.stderr)
+    return 0 if loaded else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
