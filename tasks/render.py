@@ -7,10 +7,11 @@ are final. A task whose worker died on every delivery fails for good after ``MAX
 from __future__ import annotations
 
 import os
+import time
 from functools import cached_property
 from typing import Any
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
@@ -25,6 +26,7 @@ from tasks.errors import (
     TransientError,
 )
 from tasks.keys import RenderSpec, object_key, resolve
+from tasks.memory import PeakMemory
 from tasks.progress import StageClock
 from tasks.schemas import Limits, RenderResult, parse_request
 from tasks.spool import Spool, SpooledVideo
@@ -114,10 +116,54 @@ def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict
     else:
         log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
 
+    if get_settings().WORKER_MODE == "buffer" and task.request.id is not None:
+        _hand_over_upload(task, clock, key, video)  # the next render starts while this one uploads
+        raise Ignore()
     clock.enter("uploading")
     stored = task.store.put(key, video.path, video.metadata)
     task.spool.discard(key)
     return _result(task, stored, clock, cached=False)
+
+
+def _hand_over_upload(task: RenderTask, clock: StageClock, key: str, video: SpooledVideo) -> None:
+    """Buffer mode: upload in the background, then store SUCCESS; the task itself returns now.
+
+    If storage fails, the task is sent again (same id, one more retry) with Celery's countdown:
+    the normal path finds the MP4 in the spool and retries the upload with backoff.
+    """
+    from tasks.uploader import UPLOADER
+
+    request = task.request  # this task's context, kept for the background thread
+    size = video.path.stat().st_size
+    result = _result(task, StoredVideo(key=key, size_bytes=size, metadata=video.metadata), clock, cached=False)
+
+    def upload() -> None:
+        started = time.perf_counter()
+        try:
+            task.store.put(key, video.path, video.metadata)
+        except StorageUnavailable as exc:
+            _upload_failed(task, request, exc)
+            return
+        task.spool.discard(key)
+        seconds = time.perf_counter() - started
+        result["timings"]["uploading"] = round(seconds, 4)
+        task.backend.store_result(request.id, result, states.SUCCESS, request=request)
+        log.info("uploaded %s in %.2fs (background)", key, seconds)
+
+    UPLOADER.submit(upload)
+    log.info("rendered in %.2fs; upload of %s handed to the background", result["timings"]["total"], key)
+
+
+def _upload_failed(task: RenderTask, request: Any, exc: StorageUnavailable) -> None:
+    settings = get_settings()
+    if request.retries >= settings.STORAGE_MAX_RETRIES:
+        log.error("giving up on %s after %d retries: %s", request.id, request.retries, exc)
+        task.backend.mark_as_failure(request.id, exc, request=request)
+        return
+    countdown = min(120, 2 * 2**request.retries)
+    log.warning("background upload failed (%s); task %s sent again in %ds to upload from the spool", exc,
+                request.id, countdown)  # fmt: skip
+    task.signature_from_request(request, countdown=countdown, retries=request.retries + 1).apply_async()
 
 
 def _find_stored(task: RenderTask, key: str) -> StoredVideo | None:
@@ -143,7 +189,10 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
             raise RenderCancelled
         clock.progress(stage, step, steps)
 
+    peak = PeakMemory(engine.device)
+    peak.start()
     output = engine.render(spec, progress)
+    peak_mb, memory_source = peak.stop()
     clock.enter("encoding")
     path = task.spool.video_path(key)
     if output.video_path is not None:
@@ -166,6 +215,8 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
         "model": spec["model"],
         "engine": engine.name,
     }
+    if peak_mb is not None and memory_source is not None:
+        metadata.update({"peak-memory-mb": str(peak_mb), "memory-source": memory_source})
     return task.spool.commit(key, metadata)
 
 
@@ -206,6 +257,8 @@ def _result(task: RenderTask, video: StoredVideo, clock: StageClock, cached: boo
         worker=task.request.hostname or "local",
         worker_pid=os.getpid(),
         timings=timings,
+        peak_memory_mb=None if cached or "peak-memory-mb" not in meta else float(meta["peak-memory-mb"]),
+        memory_source=None if cached else meta.get("memory-source"),
     )
     log.info("done in %.2fs (cached=%s): %s", timings["total"], cached, video.key)
     return result.model_dump()

@@ -99,6 +99,10 @@ class RenderResult(BaseModel):
     worker: str
     worker_pid: int
     timings: dict[str, float]
+    # Peak memory of this render: CUDA memory allocated by torch where a GPU renders, else the
+    # pool process's resident set (VmHWM, reset before the render). None when served from storage.
+    peak_memory_mb: float | None = None
+    memory_source: str | None = None
 
 
 def parse_request(kwargs: dict[str, Any]) -> RenderRequest:

@@ -45,7 +45,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Delivery: nothing lost, nothing hoarded.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        # queue mode holds only the task it runs; buffer mode holds one more, ready to start.
+        "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
         "task_default_queue": RENDER_QUEUE,
         "task_routes": {"tasks.render": {"queue": RENDER_QUEUE}},
         # Visibility: STARTED and PROGRESS states, events for Flower, extended results.
@@ -59,5 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.RENDER_TIME_LIMIT_S,
         "worker_proc_alive_timeout": settings.WORKER_PROC_ALIVE_TIMEOUT_S,
         "worker_concurrency": 1,
+        "worker_max_tasks_per_child": settings.WORKER_MAX_TASKS_PER_CHILD or None,
+        "worker_max_memory_per_child": settings.WORKER_MAX_MEMORY_PER_CHILD_MB * 1024 or None,  # KiB
         "worker_pool": "prefork",
     }

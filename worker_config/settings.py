@@ -73,7 +73,14 @@ class Settings(BaseSettings):
     SELFCHECK: bool = True
 
     # Worker behaviour.
+    # queue: one task at a time, acknowledged after upload (interruptible nodes: Salad).
+    # buffer: one task prefetched, uploads in the background while the next renders (stable hosts: Vast.ai).
     WORKER_MODE: Literal["queue", "buffer"] = "queue"
+    # Pool process recycling (Celery's worker_max_tasks_per_child / worker_max_memory_per_child):
+    # a fresh process, which loads the model again, after this many tasks or once its resident
+    # memory passes this many MiB after a task. 0 turns either off. See docs/benchmarks.md.
+    WORKER_MAX_TASKS_PER_CHILD: int = Field(500, ge=0)
+    WORKER_MAX_MEMORY_PER_CHILD_MB: int = Field(0, ge=0)
     SPOOL_DIR: Path = _DEFAULT_CACHE / "spool"
     RENDER_SOFT_TIME_LIMIT_S: int = Field(1800, ge=1)
     RENDER_TIME_LIMIT_S: int = Field(1900, ge=2)
