@@ -73,3 +73,17 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(st
     assert type(info.value).__name__ == "DeliveryLimitExceeded"
     # The queue keeps flowing.
     assert producer.send_task("tasks.render", kwargs={"prompt": "next"}, queue="render").get(timeout=120)["key"]
+
+
+def test_soft_time_limit_stops_the_render_with_a_clear_error(start_worker, producer: Celery, s3, bucket):
+    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="2", RENDER_TIME_LIMIT_S="60")
+    child = worker.pool_children()[0].pid
+    slow = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
+    with pytest.raises(Exception, match=r"ran past the soft time limit of 2s \(RENDER_SOFT_TIME_LIMIT_S\)") as info:
+        slow.get(timeout=120)
+    assert type(info.value).__name__ == "RenderTimeout"
+    assert "during stage 'denoising'" in str(info.value) or "during stage 'decoding'" in str(info.value)
+    # The pool process survived, kept its model, and serves the next request.
+    after = producer.send_task("tasks.render", kwargs={"prompt": "quick"}, queue="render").get(timeout=120)
+    assert after["worker_pid"] == child and worker.log.count("engine loaded") == 1
+    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [after["key"]]
