@@ -21,6 +21,7 @@ __all__ = [
     "EngineNotReady",
     "DeliveryLimitExceeded",
     "RenderTimeout",
+    "RenderOutOfMemory",
 ]
 
 
@@ -54,3 +55,7 @@ class DeliveryLimitExceeded(RenderError):
 
 class RenderTimeout(RenderError):
     """The render ran past its soft time limit and was stopped."""
+
+
+class RenderOutOfMemory(RenderError):
+    """The render ran out of memory twice (after freeing memory once); the message names its size."""

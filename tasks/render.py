@@ -21,12 +21,14 @@ from tasks.errors import (
     DeliveryLimitExceeded,
     InvalidRequest,
     RenderError,
+    RenderOutOfMemory,
     RenderTimeout,
     StorageUnavailable,
     TransientError,
 )
 from tasks.keys import RenderSpec, object_key, resolve
 from tasks.memory import PeakMemory
+from tasks.oom import with_one_oom_retry
 from tasks.progress import StageClock
 from tasks.schemas import Limits, RenderResult, parse_request
 from tasks.spool import Spool, SpooledVideo
@@ -65,7 +67,7 @@ class RenderTask(Task):
     retry_backoff_max=120,
     retry_jitter=True,
     max_retries=_settings.STORAGE_MAX_RETRIES,
-    throws=(InvalidRequest, DeliveryLimitExceeded, RenderTimeout),
+    throws=(InvalidRequest, DeliveryLimitExceeded, RenderTimeout, RenderOutOfMemory),
 )
 def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Render a video from a text prompt; return where the MP4 is (see ``RenderResult``)."""
@@ -191,7 +193,7 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
 
     peak = PeakMemory(engine.device)
     peak.start()
-    output = engine.render(spec, progress)
+    output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
     peak_mb, memory_source = peak.stop()
     clock.enter("encoding")
     path = task.spool.video_path(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 from celery import Celery
@@ -87,3 +88,22 @@ def test_soft_time_limit_stops_the_render_with_a_clear_error(start_worker, produ
     after = producer.send_task("tasks.render", kwargs={"prompt": "quick"}, queue="render").get(timeout=120)
     assert after["worker_pid"] == child and worker.log.count("engine loaded") == 1
     assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [after["key"]]
+
+
+def test_out_of_memory_is_retried_once_then_fails_naming_the_size(start_worker, producer: Celery):
+    worker = start_worker()
+    child = worker.pool_children()[0]
+    # Cap the pool process's address space a little above what it uses now: a large render cannot fit.
+    limit = child.memory_info().vms + 768 * 2**20
+    subprocess.run(["prlimit", f"--pid={child.pid}", f"--as={limit}:unlimited"], check=True)  # soft limit only
+    big = {"prompt": "too big", "height": 512, "width": 512, "num_frames": 65, "num_inference_steps": 1}
+    with pytest.raises(
+        Exception, match=r"out of memory twice on cpu rendering 512x512 x 65 frames \(1 steps\)"
+    ) as info:
+        producer.send_task("tasks.render", kwargs=big, queue="render").get(timeout=300)
+    assert type(info.value).__name__ == "RenderOutOfMemory"
+    assert worker.log.count("freeing memory and trying once more") == 1  # one bounded retry, no loop
+
+    subprocess.run(["prlimit", f"--pid={child.pid}", "--as=unlimited"], check=True)
+    after = producer.send_task("tasks.render", kwargs={"prompt": "fits"}, queue="render").get(timeout=120)
+    assert after["worker_pid"] == child.pid

@@ -1,0 +1,74 @@
+"""Out-of-memory during a render: free memory, try once more, then fail with the request's size.
+
+A transient out-of-memory (fragmentation, another process's leftovers) often passes after the
+allocator's cache is emptied; a request that is simply too big fails again at once. So: exactly
+one retry, in the same process, and then ``RenderOutOfMemory`` naming the size that did not fit.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tasks.errors import RenderOutOfMemory
+
+__all__ = ["is_out_of_memory", "free_memory", "with_one_oom_retry"]
+
+log = logging.getLogger("renderfarm.oom")
+T = TypeVar("T")
+
+_CPU_OOM_MESSAGES = ("can't allocate memory", "out of memory", "not enough memory", "std::bad_alloc")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA out-of-memory, or an allocation failure on the CPU."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MESSAGES)
+
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def with_one_oom_retry(render: Callable[[], T], spec: dict[str, Any], device: str) -> T:
+    """Run ``render``; on out-of-memory free memory and run it once more; then give up clearly."""
+    try:
+        return render()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        log.warning("out of memory on %s (%s); freeing memory and trying once more", device, _first_line(exc))
+    free_memory()
+    try:
+        return render()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        free_memory()
+        raise RenderOutOfMemory(
+            f"out of memory twice on {device} rendering {spec['width']}x{spec['height']} x {spec['num_frames']} "
+            f"frames ({spec['num_inference_steps']} steps): ask for fewer pixels or frames, or send it to a worker "
+            f"with more memory ({_first_line(exc)})"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
