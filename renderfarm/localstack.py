@@ -19,7 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "free_port", "wait_for", "RedisServer", "S3Server", "WorkerProcess", "worker_command"]
+__all__ = [
+    "ROOT",
+    "RedisServer",
+    "S3Server",
+    "SlowUploadProxy",
+    "WorkerProcess",
+    "free_port",
+    "wait_for",
+    "worker_command",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,24 +110,33 @@ class S3Server:
         self._server.stop()
 
 
-def worker_command(hostname: str, *extra: str) -> list[str]:
+def worker_command(hostname: str, *extra: str, app: str = "tasks", queue: str = "render") -> list[str]:
     """The documented worker command, run with this interpreter."""
     return [
-        sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork", "--concurrency=1",
-        "-Q", "render", "-n", hostname, "-l", "INFO", *extra,
+        sys.executable, "-m", "celery", "-A", app, "worker", "--pool=prefork", "--concurrency=1",
+        "-Q", queue, "-n", hostname, "-l", "INFO", *extra,
     ]  # fmt: skip
 
 
 class WorkerProcess:
     """A real Celery worker subprocess in its own session, its output captured to a log file."""
 
-    def __init__(self, name: str, env: dict[str, str], log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        log_path: Path,
+        extra_args: tuple[str, ...] = (),
+        app: str = "tasks",
+        queue: str = "render",
+    ) -> None:
         self.name = name
         self.hostname = f"{name}@{socket.gethostname()}"
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._loads_engine = app == "tasks"
+        self._log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
-            worker_command(self.hostname, *extra_args),
+            worker_command(self.hostname, *extra_args, app=app, queue=queue),
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -131,7 +149,7 @@ class WorkerProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log[-4000:]}")
         text = self.log
-        return "engine loaded" in text and " ready." in text
+        return ("engine loaded" in text or not self._loads_engine) and " ready." in text
 
     def wait_ready(self, timeout: float = 120) -> WorkerProcess:
         wait_for(self.is_ready, timeout, f"worker {self.name} to load its engine", interval=0.1)
@@ -155,3 +173,56 @@ class WorkerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class SlowUploadProxy:
+    """A TCP proxy in front of the S3 endpoint that holds every PUT request for ``delay_s``.
+
+    Makes uploads take real time on loopback, so that overlapping them with renders is visible.
+    """
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        import socket
+        import threading
+
+        self.delay_s = delay_s
+        self._upstream = ("127.0.0.1", upstream_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source, target, to_server: bool) -> None:
+        import time
+
+        try:
+            while data := source.recv(65536):
+                if to_server and data.startswith(b"PUT "):
+                    time.sleep(self.delay_s)
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._closed.set()
+        self._server.close()

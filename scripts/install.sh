@@ -3,7 +3,7 @@
 # non-interactive (no stdin). What it installs:
 #   - Debian packages: redis-server (broker and result backend), ffmpeg (ffprobe, to inspect MP4s)
 #   - .venv/ with torch pinned to the local CPU build (constraints.txt), then the project with its
-#     worker, demo and dev extras, every later install held to the same torch by the constraints.
+#     worker, demo, dev and bench extras, every later install held to the same torch by the constraints.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,8 +37,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     say "installing torch (pinned in constraints.txt: the local CPU build)"
     "${PIP[@]}" torch
 fi
-say "installing the project with its worker, demo and dev extras"
-"${PIP[@]}" -e "$ROOT[worker,demo,dev]"
+say "installing the project with its worker, demo, dev and bench extras"
+"${PIP[@]}" -e "$ROOT[worker,demo,dev,bench]"
 
 "$VENV/bin/python" - <<'PY'
 import celery, diffusers, torch

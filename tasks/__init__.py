@@ -10,6 +10,7 @@ from tasks.errors import (
     FatalWorkerError,
     InvalidRequest,
     RenderError,
+    RenderOutOfMemory,
     RenderTimeout,
     StorageUnavailable,
     TransientError,
@@ -29,4 +30,5 @@ __all__ = [
     "FatalWorkerError",
     "DeliveryLimitExceeded",
     "RenderTimeout",
+    "RenderOutOfMemory",
 ]

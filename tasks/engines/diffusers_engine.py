@@ -21,7 +21,12 @@ class DiffusersEngine:
     def __init__(self, settings: Settings) -> None:
         import torch
         from diffusers import AutoencoderKLWan, WanPipeline
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
+        # Progress bars of loading are noise in worker logs; our own progress goes to the task state.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         self.model_id = settings.MODEL_ID
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve_model_path(settings)
