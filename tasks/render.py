@@ -200,6 +200,8 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
     if output.video_path is not None:
         os.replace(output.video_path, path)
     else:
+        if output.frames is None:
+            raise RenderError(f"engine {engine.name} returned neither frames nor a video file")
         frames = to_uint8_frames(output.frames)
         del output
         expected = (spec["num_frames"], spec["height"], spec["width"], 3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,11 +80,11 @@ class VideoStore:
         }
         return StoredVideo(key=key, size_bytes=int(stat.size or 0), metadata=meta)
 
-    def put(self, key: str, path: Path, metadata: dict[str, str]) -> StoredVideo:
+    def put(self, key: str, path: Path, metadata: Mapping[str, str]) -> StoredVideo:
         """Upload the MP4 at ``path`` to ``key`` with ``metadata`` (x-amz-meta-*)."""
         self.ensure_bucket()
         with self._errors(f"upload {key}"):
-            self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=metadata)
+            self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=dict(metadata))
         return StoredVideo(key=key, size_bytes=path.stat().st_size, metadata=dict(metadata))
 
     def presign(self, key: str) -> str:

@@ -18,11 +18,11 @@ SLOW = {"prompt": "a long healthy render", "height": 128, "width": 128, "num_fra
 
 
 def renders_started(*workers) -> int:
-    return sum(w.log.count("]: render tiny-wan:") for w in workers)
+    return sum(w.log.count(": render tiny-wan:") for w in workers)
 
 
 def wait_until_rendering(worker, timeout: float = 120) -> None:
-    wait_for(lambda: "]: render tiny-wan:" in worker.log, timeout, f"{worker.name} to start rendering")
+    wait_for(lambda: ": render tiny-wan:" in worker.log, timeout, f"{worker.name} to start rendering")
 
 
 def test_a_slow_healthy_render_is_never_started_twice(start_worker, producer: Celery, s3, bucket):
@@ -62,7 +62,7 @@ def test_a_paused_node_that_resumes_leaves_one_object_and_one_result(start_worke
         assert done["worker"] == other.hostname
     finally:
         os.killpg(paused.proc.pid, signal.SIGCONT)  # ... and resumes it
-    wait_for(lambda: "]: done in" in paused.log, 300, "the resumed worker to finish its copy")
+    wait_for(lambda: ": done in" in paused.log, 300, "the resumed worker to finish its copy")
 
     assert renders_started(paused, other) == 2  # both rendered: the pause was real
     objects = list(s3.list_objects(bucket, recursive=True))

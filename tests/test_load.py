@@ -37,7 +37,7 @@ def test_hundreds_of_renders_across_two_workers_with_a_restart(start_worker, pro
     objects = [o.object_name for o in s3.list_objects(bucket, recursive=True)]
     assert sorted(objects) == sorted(keys)  # exactly one object per task, none extra
     logs = [first.log, second.log, restarted.log]
-    assert sum(log.count("]: render tiny-wan:") for log in logs) == COUNT  # each rendered exactly once
+    assert sum(log.count(": render tiny-wan:") for log in logs) == COUNT  # each rendered exactly once
     by_worker = {
         w: sum(r["worker"] == w for r in results) for w in (first.hostname, second.hostname, restarted.hostname)
     }

@@ -74,7 +74,7 @@ def test_recycled_pool_process_loads_the_model_again_and_loses_nothing(start_wor
 
     assert first["worker_pid"] != second["worker_pid"]  # recycled between the two tasks
     wait_for(lambda: worker.log.count("engine loaded") >= 3, 60, "the third pool process to load the model")
-    assert worker.log.count("]: render tiny-wan:") == 2  # each rendered once
+    assert worker.log.count(": render tiny-wan:") == 2  # each rendered once
     assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(
         [first["key"], second["key"]]
     )

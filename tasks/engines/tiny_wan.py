@@ -115,7 +115,7 @@ def _build(out: Path) -> None:
     pipe = WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
     )
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # provided by DiffusionPipeline's mixin
     _make_fastvideo_loadable(out)
 
 
