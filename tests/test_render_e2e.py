@@ -8,7 +8,9 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
 from celery import Celery
+from minio.error import S3Error
 
 RESULT_FIELDS = {
     "bucket", "key", "url", "size_bytes", "sha256", "width", "height", "num_frames", "fps", "seed",
@@ -55,6 +57,9 @@ def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: C
 
     # Exactly one object was written, under the derived key; the bucket is private (no policy).
     assert [obj.object_name for obj in s3.list_objects(bucket, recursive=True)] == [result["key"]]
+    with pytest.raises(S3Error) as no_policy:
+        s3.get_bucket_policy(bucket)
+    assert no_policy.value.code == "NoSuchBucketPolicy"
 
 
 def test_engine_loads_once_per_pool_child_across_tasks(start_worker, producer: Celery):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 
+import psutil
 import pytest
 from celery import Celery
 
@@ -77,10 +78,10 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(st
 
 
 def test_soft_time_limit_stops_the_render_with_a_clear_error(start_worker, producer: Celery, s3, bucket):
-    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="2", RENDER_TIME_LIMIT_S="60")
+    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="1", RENDER_TIME_LIMIT_S="60")
     child = worker.pool_children()[0].pid
-    slow = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
-    with pytest.raises(Exception, match=r"ran past the soft time limit of 2s \(RENDER_SOFT_TIME_LIMIT_S\)") as info:
+    slow = producer.send_task("tasks.render", kwargs={**SLOW, "num_inference_steps": 200}, queue="render")
+    with pytest.raises(Exception, match=r"ran past the soft time limit of 1s \(RENDER_SOFT_TIME_LIMIT_S\)") as info:
         slow.get(timeout=120)
     assert type(info.value).__name__ == "RenderTimeout"
     assert "during stage 'denoising'" in str(info.value) or "during stage 'decoding'" in str(info.value)
@@ -107,3 +108,25 @@ def test_out_of_memory_is_retried_once_then_fails_naming_the_size(start_worker, 
     subprocess.run(["prlimit", f"--pid={child.pid}", "--as=unlimited"], check=True)
     after = producer.send_task("tasks.render", kwargs={"prompt": "fits"}, queue="render").get(timeout=120)
     assert after["worker_pid"] == child.pid
+
+
+def test_hard_time_limit_replaces_a_hung_pool_process(start_worker, producer: Celery):
+    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="3", RENDER_TIME_LIMIT_S="6")
+    hung = worker.pool_children()[0]
+    result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
+    wait_for_denoising(result)
+    hung_tree = [hung, *hung.children(recursive=True)]
+    hung.send_signal(signal.SIGSTOP)  # hung in native code: the soft limit cannot interrupt it
+
+    with pytest.raises(Exception) as info:
+        result.get(timeout=120)
+    assert type(info.value).__name__ == "TimeLimitExceeded"
+    wait_for(lambda: "Hard time limit (6" in worker.log, 30, "the hard time limit to be logged")
+    # The hung process is gone, a fresh one with the model took its place, and nothing else is left.
+    wait_for(lambda: not psutil.pid_exists(hung.pid) or hung.status() == psutil.STATUS_ZOMBIE, 30, "the kill")
+    wait_for(lambda: worker.log.count("engine loaded") == 2, 120, "the replacement to load the model")
+    alive = {p.pid for p in worker.descendants()}
+    assert not alive & {p.pid for p in hung_tree}  # no process of the hung one's tree is left
+    assert [p.pid for p in worker.pool_children()] != [hung.pid]
+    after = producer.send_task("tasks.render", kwargs={"prompt": "next"}, queue="render").get(timeout=120)
+    assert after["worker_pid"] != hung.pid
