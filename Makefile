@@ -3,22 +3,37 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck check clean
+.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory
+
+# The FastVideo engine on CPU (issue 3): its own venv, torch 2.14.1 + fastvideo 0.2.1 --no-deps (~6.5 GB).
+FV_VENV ?= .venv-fastvideo
+FV_STAMP := $(FV_VENV)/.installed
+
+$(FV_STAMP): pyproject.toml constraints-fastvideo.txt scripts/install-fastvideo.sh
+	VENV=$(FV_VENV) bash scripts/install-fastvideo.sh
+	touch $(FV_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	bash scripts/install.sh
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(FV_STAMP)  ## both environments: .venv (torch 2.13.0 CPU) and .venv-fastvideo
 
 demo: $(STAMP)  ## one real render through the real queue on the CPU, saved under out/
 	$(VENV)/bin/renderfarm demo
 
-test: $(STAMP)  ## the whole suite: real redis-server, S3 endpoint and celery workers
+test: test-main test-fastvideo  ## the whole suite, in both environments
+
+test-main: $(STAMP)  ## real redis-server, S3 endpoint and celery workers (FastVideo tests skip here)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)  ## unit tests only (no worker processes)
 	$(PY) -m pytest tests/test_schemas.py tests/test_keys.py tests/test_settings.py tests/test_video.py
+
+install-fastvideo: $(FV_STAMP)
+
+test-fastvideo: $(FV_STAMP)  ## FastVideo engine tests: tiny-wan on CPU in real prefork workers
+	$(FV_VENV)/bin/python -m pytest tests/test_fastvideo*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -31,3 +46,9 @@ check: lint typecheck test
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache
+
+bench: $(STAMP)  ## throughput and overhead, side by side (prints figures, writes docs/benchmarks.md)
+	$(PY) -m bench.throughput
+
+bench-memory: $(STAMP)  ## worker memory over 300 renders (prints growth per render, writes docs/benchmarks.md)
+	$(PY) -m bench.memory

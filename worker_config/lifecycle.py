@@ -3,19 +3,24 @@
 - ``worker_init`` (main process): settings are validated before any child starts; invalid
   settings stop the worker with a message naming the variable.
 - ``worker_process_init`` (each pool child, or the main process with ``--pool=solo``): the
-  engine is loaded into ``ENGINE`` (the one owner). If loading fails, the process prints a
-  diagnosis and stops the whole worker (exit code 1): it never takes tasks it cannot run.
+  process is made able to start multiprocessing children (``worker_config.mp_in_pool``), the
+  self-check prints its banner and picks the engine, falling back where FastVideo's mp executor
+  cannot run (``worker_config.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
+  owner). If any of it fails, the process prints a diagnosis and stops the whole worker (exit
+  code 1): it never takes tasks it cannot run.
 - ``worker_process_shutdown``: the engine is released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from tasks.engines import Engine
+    from worker_config.settings import Settings
 
 __all__ = ["ENGINE", "EngineHolder", "install"]
 
@@ -51,12 +57,13 @@ class EngineHolder:
     def ready(self) -> bool:
         return self._engine is not None
 
-    def load(self) -> Engine:
+    def load(self, settings: Settings | None = None, name: str | None = None) -> Engine:
         from tasks.engines import load_engine
 
-        settings = get_settings()
+        settings = settings or get_settings()
         started = time.perf_counter()
-        self._engine = load_engine(settings)
+        with _sigquit_is_a_load_failure():
+            self._engine = load_engine(settings, name)
         self.load_seconds = time.perf_counter() - started
         self.loads += 1
         log.info(
@@ -83,9 +90,40 @@ class EngineHolder:
 ENGINE = EngineHolder()
 
 
+@contextlib.contextmanager
+def _sigquit_is_a_load_failure() -> Iterator[None]:
+    """While the engine loads, a SIGQUIT from FastVideo's failing worker must not kill this child silently.
+
+    FastVideo's worker sends SIGQUIT to its owner on any exception. During the load the owner gets
+    the error through FastVideo's ready pipe and exits with a diagnosis (``_die``), so the signal is
+    only noted. Afterwards billiard installs its own handler (the child exits, Celery redelivers the
+    task, capped by MAX_DELIVERIES); the FastVideo engine adds a line saying why.
+    """
+
+    def during_load(signum: int, frame: Any) -> None:
+        log.error("FastVideo's worker process reported a failure (SIGQUIT) while the engine was loading")
+
+    try:
+        previous = signal.signal(signal.SIGQUIT, during_load)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGQUIT, previous)
+
+
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     global _MAIN_PID, _FATAL, _WORKER
     import multiprocessing
+
+    from worker_config.selfcheck import semaphores_problem
+
+    # First: without usable shared memory neither the RawValue below nor Celery's prefork pool can exist.
+    if (problem := semaphores_problem()) is not None:
+        print(f"renderfarm worker: FATAL: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
     _MAIN_PID, _WORKER = os.getpid(), sender
     _FATAL = multiprocessing.RawValue("i", 0)
@@ -97,8 +135,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 def _on_process_init(**_: Any) -> None:
+    from worker_config import selfcheck
+    from worker_config.mp_in_pool import allow_children_in_pool_process
+
     try:
-        ENGINE.load()
+        allow_children_in_pool_process()
+        plan = selfcheck.startup(get_settings())
+        ENGINE.load(plan.settings, plan.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
         _die(exc)
 

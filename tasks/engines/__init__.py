@@ -66,7 +66,7 @@ def load_engine(settings: Settings, name: str | None = None) -> Engine:
 
         return DiffusersEngine(settings)
     if name == "fastvideo":
-        raise NotImplementedError(
-            "ENGINE=fastvideo is not implemented yet (placeholder, tracked in issue 3); use ENGINE=diffusers"
-        )
+        from tasks.engines.fastvideo_engine import FastVideoEngine
+
+        return FastVideoEngine(settings)
     raise ValueError(f"unknown engine {name!r}; allowed: fastvideo, diffusers")

@@ -1,0 +1,217 @@
+"""The FastVideo engine: one ``VideoGenerator`` per pool child, rendering straight to an MP4.
+
+- Loaded once with ``VideoGenerator.from_pretrained(path, **load_options(settings))``: every
+  option comes from settings and is passed under FastVideo's own name (``LOAD_OPTION_NAMES``;
+  ``tests/test_fastvideo_contract.py`` checks them against the installed package).
+- Renders with the typed API, ``generate(request)`` (``generate_video`` is deprecated in 0.2.1),
+  asking FastVideo to write the MP4 and never to return frames. The path is read back from the
+  result: FastVideo renames on collision (``_1.mp4``). The MP4 is written in a private directory
+  inside ``SPOOL_DIR`` so the task can move it into the spool with an atomic rename.
+- Without an accelerator, ``tasks.engines.fastvideo_cpu`` closes FastVideo 0.2.1's CPU gaps in
+  this process and (via ``tasks.engines.fastvideo_worker``) in FastVideo's spawned worker.
+- Progress: FastVideo 0.2.1's mp worker reports no per-step progress to its owner, so the task
+  sees ``encoding_prompt``, then ``denoising`` at step 0 and at the last step.
+- A render interrupted while FastVideo's worker was busy (soft time limit) leaves the executor's
+  pipe out of step; the generator is rebuilt before the error is raised. A failure inside
+  FastVideo's worker is different: it sends SIGQUIT, billiard's handler ends this pool child
+  (after the engine is released), Celery sees WorkerLostError and redelivers the task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
+from tasks.errors import EngineNotReady, RenderError
+from worker_config.settings import Settings
+
+__all__ = ["FastVideoEngine", "load_options", "generation_request", "LOAD_OPTION_NAMES", "REQUEST_SAMPLING_NAMES"]
+
+log = logging.getLogger("renderfarm.fastvideo")
+
+# The from_pretrained options this engine may pass (FastVideoArgs fields, or PipelineConfig
+# fields for the precisions), and the request fields it fills (SamplingConfig / SamplingParam).
+LOAD_OPTION_NAMES = frozenset({
+    "num_gpus", "distributed_executor_backend", "dit_cpu_offload", "dit_layerwise_offload",
+    "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload", "pin_cpu_memory",
+    "use_fsdp_inference", "disable_autocast", "dit_precision", "vae_precision", "vae_decode_precision",
+})  # fmt: skip
+REQUEST_SAMPLING_NAMES = ("num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "seed")
+REQUEST_OUTPUT_NAMES = ("output_path", "save_video", "return_frames")
+
+
+def load_options(settings: Settings, cpu: bool) -> dict[str, Any]:
+    """``VideoGenerator.from_pretrained`` keyword arguments for these settings."""
+    from tasks.engines.fastvideo_cpu import CPU_LOAD_OPTIONS
+
+    options: dict[str, Any] = {
+        "num_gpus": settings.NUM_GPUS,
+        "distributed_executor_backend": settings.DISTRIBUTED_EXECUTOR_BACKEND,
+        "dit_cpu_offload": settings.FASTVIDEO_DIT_CPU_OFFLOAD,
+        "text_encoder_cpu_offload": settings.FASTVIDEO_TEXT_ENCODER_CPU_OFFLOAD,
+        "vae_cpu_offload": settings.FASTVIDEO_VAE_CPU_OFFLOAD,
+        "pin_cpu_memory": settings.FASTVIDEO_PIN_CPU_MEMORY,
+        "use_fsdp_inference": settings.FASTVIDEO_USE_FSDP_INFERENCE,
+    }
+    if settings.FASTVIDEO_PRECISION != "auto":
+        options["dit_precision"] = settings.FASTVIDEO_PRECISION
+    if cpu:
+        options.update(CPU_LOAD_OPTIONS)
+    if unknown := set(options) - LOAD_OPTION_NAMES:  # keep the contract test's list complete
+        raise RuntimeError(f"FastVideo options missing from LOAD_OPTION_NAMES: {sorted(unknown)}")
+    return options
+
+
+def generation_request(spec: dict[str, Any], output_path: Path) -> dict[str, Any]:
+    """The ``GenerationRequest`` (as a mapping: only these fields count as set) for one render."""
+    return {
+        "prompt": spec["prompt"],
+        "negative_prompt": spec["negative_prompt"],
+        "sampling": {name: spec[name] for name in REQUEST_SAMPLING_NAMES},
+        "output": {"output_path": str(output_path), "save_video": True, "return_frames": False},
+    }
+
+
+def _private_output_dir(spool: Path) -> Path:
+    """``SPOOL_DIR/.fastvideo-<pid>-*``: same filesystem as the spool; dirs of dead children are removed."""
+    spool.mkdir(parents=True, exist_ok=True)
+    for stale in spool.glob(".fastvideo-*-*"):
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".fastvideo-{os.getpid()}-", dir=spool))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FastVideoEngine:
+    name = "fastvideo"
+
+    def __init__(self, settings: Settings) -> None:
+        # FastVideo configures the root logger on import, with a handler on sys.stdout; in a pool
+        # child sys.stdout is Celery's logging proxy, so every record loops back and most are lost
+        # (this engine's and the lifecycle's own lines included). Celery owns logging here; the
+        # spawned worker sets up its own (tasks.engines.fastvideo_worker).
+        os.environ.setdefault("FASTVIDEO_CONFIGURE_LOGGING", "0")
+        from tasks.engines import fastvideo_cpu, fastvideo_worker
+
+        self.model_id = settings.MODEL_ID
+        self._settings = settings
+        cpu = not fastvideo_cpu.accelerator_present()
+        self.device = "cpu" if cpu else "cuda"
+        if cpu:
+            fastvideo_cpu.apply()
+        fastvideo_worker.install()
+        self._path = resolve_model_path(settings)
+        self._options = load_options(settings, cpu)
+        self._out = _private_output_dir(Path(settings.SPOOL_DIR))
+        self._generator: Any = None
+        self._sigquit_wrapped = False
+        self.from_pretrained_seconds = self._load()
+
+    def _load(self) -> float:
+        from fastvideo import VideoGenerator
+
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            # 0.2.1 routes the *_precision options (PipelineConfig fields) through a path it flags
+            # as "legacy-only" in favour of from_config; they are still its own names and honoured.
+            warnings.filterwarnings("ignore", message=r".*legacy-only kwargs.*", category=DeprecationWarning)
+            self._generator = VideoGenerator.from_pretrained(self._path, **self._options)
+        seconds = time.perf_counter() - started
+        log.info("FastVideo VideoGenerator.from_pretrained(%s) took %.2fs with %s", self._path, seconds, self._options)
+        return seconds
+
+    def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput:
+        if self._generator is None:
+            raise EngineNotReady("the FastVideo engine was used after it was closed")
+        self._explain_sigquit()
+        steps = spec["num_inference_steps"]
+        request = generation_request(spec, self._out / f"{uuid.uuid4().hex}.mp4")
+        progress("encoding_prompt", None, None)
+        progress("denoising", 0, steps)
+        started = time.perf_counter()
+        try:
+            result = self._generator.generate(request)
+        except Exception:  # SoftTimeLimitExceeded included; SystemExit is left alone
+            self._rebuild_after_interrupt()
+            raise
+        seconds = time.perf_counter() - started
+        progress("denoising", steps, steps)
+        if isinstance(result, list):  # one prompt in, one result out; a list means FastVideo fanned out
+            result = result[0]
+        if not result.video_path or not Path(result.video_path).is_file():
+            raise RenderError(f"FastVideo reported no video file (video_path={result.video_path!r})")
+        log.info("FastVideo generate took %.2fs (its own generation_time %.2fs)", seconds, result.generation_time or 0)
+        return RenderOutput(
+            video_path=Path(result.video_path),
+            stats={
+                "generate_s": seconds,
+                "generation_time": result.generation_time,
+                "peak_memory_mb": result.peak_memory_mb,
+            },
+        )
+
+    def _explain_sigquit(self) -> None:
+        """Say in the log why this child is about to exit when FastVideo's worker fails mid-render.
+
+        FastVideo's worker sends SIGQUIT to this process on any exception; billiard's handler (set
+        after worker_process_init, so it is wrapped here, at the first render) ends the child, and
+        Celery redelivers the task. The handler is wrapped once, from the main thread.
+        """
+        if self._sigquit_wrapped or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGQUIT)
+
+        def explain(signum: int, frame: Any) -> None:
+            log.error(
+                "pool child %d got SIGQUIT: FastVideo's worker process failed (its traceback is above). This "
+                "child exits; Celery starts a new one and redelivers the task (at most MAX_DELIVERIES times)",
+                os.getpid(),
+            )
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGQUIT, explain)
+        self._sigquit_wrapped = True
+
+    def _rebuild_after_interrupt(self) -> None:
+        """Shut down the executor (its worker may still be busy) and load a fresh generator."""
+        log.warning("FastVideo render interrupted; rebuilding the generator so the next render starts clean")
+        self._shutdown()
+        try:
+            self._load()
+        except Exception:  # the next render then fails loudly with EngineNotReady
+            log.exception("rebuilding the FastVideo generator failed")
+
+    def _shutdown(self) -> None:
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            with contextlib.suppress(Exception):
+                generator.shutdown()
+
+    def close(self) -> None:
+        self._shutdown()
+        shutil.rmtree(self._out, ignore_errors=True)

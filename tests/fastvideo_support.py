@@ -1,0 +1,134 @@
+"""Helpers for the FastVideo tests: process accounting, a worker in its own /dev/shm, a poisoned model.
+
+- ``session_processes(worker)``: every live process in the worker's session (the worker is started
+  with ``start_new_session=True``, so everything it ever spawned, orphans included, is counted
+  unless it called ``setsid`` itself).
+- ``ShmWorker``: the same real worker command, run by ``unshare -m`` (root) with a fresh tmpfs on
+  /dev/shm in a private mount namespace: read-only, or tiny. The host's /dev/shm is untouched.
+- ``build_poisoned_tiny_wan``: tiny-wan whose text encoder has an 8-token vocabulary: it loads, and
+  every render fails inside FastVideo's worker with IndexError (a real fault, no mock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from renderfarm.localstack import worker_command
+from tests.support import ROOT, TestWorker, wait_for
+
+__all__ = ["session_processes", "fastvideo_workers", "ShmWorker", "build_poisoned_tiny_wan", "wait_gone", "can_unshare"]
+
+
+def session_processes(session_id: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == session_id:
+                out.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
+def fastvideo_workers(worker: TestWorker) -> list[psutil.Process]:
+    """FastVideo's spawned workers: the pool child's children that run multiprocessing's spawn main."""
+    found = []
+    for child in worker.pool_children():
+        try:
+            for grandchild in child.children():
+                cmdline = " ".join(grandchild.cmdline())
+                if "multiprocessing.spawn" in cmdline and "resource_tracker" not in cmdline:
+                    found.append(grandchild)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    def gone() -> bool:
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                continue
+        return True
+
+    wait_for(gone, timeout, f"processes {pids} to end")
+
+
+def can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+class ShmWorker:
+    """The documented worker command, with /dev/shm a private tmpfs mounted with ``mount_options``.
+
+    Self-contained on purpose (not a subclass of the shared worker helper): only the command differs.
+    """
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, mount_options: str) -> None:
+        self.name = name
+        self.hostname = f"{name}@{socket.gethostname()}"
+        self.log_path = log_path
+        celery = worker_command(self.hostname, "--without-mingle", "--without-gossip")
+        script = f'mount -t tmpfs -o {mount_options} renderfarm-test-shm /dev/shm && exec "$@"'
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *celery]
+        self._log = open(log_path, "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> ShmWorker:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log[-4000:]}")
+            return "engine loaded" in self.log and " ready." in self.log
+
+        wait_for(ready, timeout, f"worker {self.name} to load its engine", interval=0.1)
+        return self
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+def build_poisoned_tiny_wan(tiny_wan: Path, target: Path) -> Path:
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if (target / "model_index.json").is_file():
+        return target
+    tmp = target.with_name(target.name + f".{os.getpid()}.{time.monotonic_ns()}")
+    shutil.copytree(tiny_wan, tmp)
+    config = UMT5Config.from_pretrained(tiny_wan / "text_encoder")
+    config.vocab_size = 8
+    torch.manual_seed(0)
+    shutil.rmtree(tmp / "text_encoder")
+    UMT5EncoderModel(config).save_pretrained(tmp / "text_encoder")
+    os.rename(tmp, target)
+    return target

@@ -1,0 +1,97 @@
+"""Contract with the installed fastvideo: every name the engine passes, and every hook it patches, exists.
+
+A FastVideo upgrade that renames an option, a request field or a patched function fails here,
+loudly, instead of being ignored (FastVideo routes unknown from_pretrained kwargs into a
+catch-all) or failing inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+
+import pytest
+
+from worker_config.settings import Settings
+
+fastvideo = pytest.importorskip("fastvideo", reason="fastvideo is not installed: run scripts/install-fastvideo.sh")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_every_load_option_is_a_fastvideo_args_or_pipeline_config_field():
+    from fastvideo.configs.pipelines.base import PipelineConfig
+    from fastvideo.fastvideo_args import FastVideoArgs
+
+    from tasks.engines.fastvideo_engine import LOAD_OPTION_NAMES, load_options
+
+    known = field_names(FastVideoArgs) | field_names(PipelineConfig)
+    assert LOAD_OPTION_NAMES <= known, sorted(LOAD_OPTION_NAMES - known)
+    for cpu in (False, True):
+        for settings in (Settings(), Settings(FASTVIDEO_PRECISION="bf16", DISTRIBUTED_EXECUTOR_BACKEND="ray")):
+            assert set(load_options(settings, cpu)) <= LOAD_OPTION_NAMES
+    # The precisions are PipelineConfig fields; all else is a FastVideoArgs field of the same name.
+    precisions = {name for name in LOAD_OPTION_NAMES if name.endswith("_precision")}
+    assert precisions <= field_names(PipelineConfig)
+    assert LOAD_OPTION_NAMES - precisions <= field_names(FastVideoArgs)
+
+
+def test_settings_values_are_ones_fastvideo_accepts():
+    from fastvideo.api.schema import EngineConfig
+    from fastvideo.utils import PRECISION_TO_TYPE
+
+    fastvideo_backends = typing.get_args(typing.get_type_hints(EngineConfig)["execution_backend"])
+    ours = typing.get_args(Settings.model_fields["DISTRIBUTED_EXECUTOR_BACKEND"].annotation)
+    assert set(ours) == set(fastvideo_backends) == {"mp", "ray"}
+    precisions = set(typing.get_args(Settings.model_fields["FASTVIDEO_PRECISION"].annotation)) - {"auto"}
+    assert precisions <= set(PRECISION_TO_TYPE)
+
+
+def test_every_request_field_exists_in_the_request_schema_and_sampling_params():
+    from fastvideo.api.sampling_param import SamplingParam
+    from fastvideo.api.schema import GenerationRequest, OutputConfig, SamplingConfig
+
+    from tasks.engines.fastvideo_engine import generation_request
+
+    spec = {"prompt": "p", "negative_prompt": "", "num_frames": 9, "height": 64, "width": 64, "fps": 8,
+            "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 1, "model": "tiny-wan"}  # fmt: skip
+    request = generation_request(spec, output_path="/tmp/x.mp4")  # type: ignore[arg-type]
+    assert set(request) <= field_names(GenerationRequest)
+    assert set(request["sampling"]) <= field_names(SamplingConfig)
+    assert set(request["sampling"]) <= field_names(SamplingParam)  # where FastVideo copies them to
+    assert set(request["output"]) <= field_names(OutputConfig)
+    assert request["output"]["return_frames"] is False  # never ask for frames we do not use
+
+
+def test_the_generation_api_the_engine_uses_exists_and_is_current():
+    from fastvideo import VideoGenerator
+    from fastvideo.api.results import GenerationResult
+
+    assert callable(VideoGenerator.from_pretrained) and callable(VideoGenerator.generate)
+    assert "request" in inspect.signature(VideoGenerator.generate).parameters
+    assert {"video_path", "generation_time", "peak_memory_mb"} <= field_names(GenerationResult)
+    assert callable(VideoGenerator.shutdown)
+
+
+def test_the_hooks_the_cpu_layer_and_the_worker_entry_patch_still_exist():
+    from fastvideo.distributed import parallel_state
+    from fastvideo.pipelines.stages import denoising
+    from fastvideo.platforms.cpu import CpuPlatform
+    from fastvideo.platforms.interface import Platform
+    from fastvideo.worker.multiproc_executor import WorkerMultiprocProc
+
+    assert parallel_state.get_local_torch_device.__code__.co_freevars == ()
+    assert denoising.torch.__name__ == "torch"
+    assert "target_dtype = torch.bfloat16" in inspect.getsource(denoising.DenoisingStage.forward)
+    assert hasattr(Platform, "get_attn_backend_cls")
+    assert "get_attn_backend_cls" not in CpuPlatform.__dict__ or CpuPlatform.get_attn_backend_cls(None, 64, None)
+    assert isinstance(WorkerMultiprocProc.__dict__["worker_main"], staticmethod)
+    assert "WorkerMultiprocProc.worker_main" in inspect.getsource(WorkerMultiprocProc.make_worker_process)
+    import fastvideo.attention.backends.sdpa as sdpa
+
+    assert hasattr(sdpa, "SDPABackend")

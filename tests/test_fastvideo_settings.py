@@ -1,0 +1,92 @@
+"""The FastVideo settings block and the fallback plan (pure functions: no fastvideo, no workers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasks.errors import FatalWorkerError
+from worker_config.selfcheck import Check, plan
+from worker_config.settings import Settings, SettingsError, get_settings
+
+BROKEN_SHM = Check("/dev/shm", False, "read-only", "use --ipc=host", needed_by_mp=True)
+HEALTHY = [Check("PyTorch", True, "2"), Check("/dev/shm", True, "ok"), Check("Multiprocessing", True, "[2, 4, 6]")]
+RAY = importlib.util.find_spec("ray") is not None
+
+
+def settings(**env: str) -> Settings:
+    return Settings(**env)  # type: ignore[arg-type]
+
+
+def test_defaults_are_fastvideos_own_defaults():
+    s = Settings()
+    assert (s.FASTVIDEO_DIT_CPU_OFFLOAD, s.FASTVIDEO_TEXT_ENCODER_CPU_OFFLOAD, s.FASTVIDEO_VAE_CPU_OFFLOAD) == (
+        True,
+    ) * 3
+    assert (s.FASTVIDEO_PIN_CPU_MEMORY, s.FASTVIDEO_USE_FSDP_INFERENCE, s.FASTVIDEO_PRECISION) == (True, False, "auto")
+    assert s.engine_fallbacks == ("ray", "diffusers")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("ray,diffusers", ("ray", "diffusers")), (" diffusers ", ("diffusers",)), ("none", ()), ("", ())],
+)
+def test_engine_fallbacks_parse(value, expected):
+    assert settings(ENGINE_FALLBACKS=value).engine_fallbacks == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ENGINE_FALLBACKS", "threads", "comma-separated list of 'ray' and 'diffusers'"),
+        ("ENGINE_FALLBACKS", "ray,ray", "each at most once"),
+        ("FASTVIDEO_PRECISION", "fp8", "Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("FASTVIDEO_DIT_CPU_OFFLOAD", "maybe", "Input should be a valid boolean"),
+        ("DISTRIBUTED_EXECUTOR_BACKEND", "threads", "Input should be 'mp' or 'ray'"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SettingsError, match=rf"{name} \(got '{value}'\): .*{message}"):
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+
+
+def test_plan_keeps_the_engine_when_mp_works_or_is_not_needed():
+    assert plan(settings(ENGINE="fastvideo"), HEALTHY).engine == "fastvideo"
+    chosen = plan(settings(ENGINE="diffusers"), [BROKEN_SHM])
+    assert (chosen.engine, chosen.fallback) == ("diffusers", False)
+    ray = plan(settings(ENGINE="fastvideo", DISTRIBUTED_EXECUTOR_BACKEND="ray"), [BROKEN_SHM])
+    assert (ray.engine, ray.fallback) == ("fastvideo", False)
+
+
+def test_plan_falls_back_in_the_order_given():
+    chosen = plan(settings(ENGINE="fastvideo", ENGINE_FALLBACKS="ray,diffusers"), [BROKEN_SHM])
+    if RAY:
+        assert (chosen.engine, chosen.settings.DISTRIBUTED_EXECUTOR_BACKEND) == ("fastvideo", "ray")
+    else:
+        assert chosen.engine == "diffusers" and chosen.settings.ENGINE == "diffusers"
+        assert "skipped: ray (the ray package is not installed)" in chosen.reason
+    assert chosen.fallback and "--ipc=host" in chosen.reason
+
+
+def test_plan_without_a_usable_fallback_is_fatal_with_the_fix():
+    with pytest.raises(FatalWorkerError, match=r"cannot run in this container \(/dev/shm: read-only\).*--shm-size=8g"):
+        plan(settings(ENGINE="fastvideo", ENGINE_FALLBACKS="none"), [BROKEN_SHM])
+
+
+def test_doctor_command_runs_the_checks_on_demand():
+    env = {**os.environ, "ENGINE": "diffusers"}
+    out = subprocess.run(
+        [sys.executable, "-m", "worker_config.selfcheck"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Multiprocessing OK: [2, 4, 6]" in out.stdout and "PyTorch: " in out.stdout and "/dev/shm: " in out.stdout
+    assert "Verdict: OK" in out.stdout

@@ -1,0 +1,229 @@
+"""The worker's start-up self-check, and the engine plan that follows from it.
+
+Every pool child runs ``startup()`` before its engine loads: it prints a banner (PyTorch version,
+CUDA, GPU, /dev/shm, and a real ``spawn`` pool started inside the pool child itself), and when
+FastVideo's mp executor cannot run here it says exactly why and what to set, then falls back in
+the order ``ENGINE_FALLBACKS`` gives (``ray``: FastVideo with the Ray executor; ``diffusers``: the
+diffusers engine) or raises ``FatalWorkerError`` so the worker exits instead of taking tasks.
+
+Operators run the same checks on demand: ``python -m worker_config.selfcheck`` (exit 0 when the
+configured engine, or a fallback, can run; 1 otherwise). ``run_checks(settings)`` is the API.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker_config.settings import Settings
+
+__all__ = ["Check", "Plan", "run_checks", "plan", "banner", "startup", "main", "semaphores_problem", "SHM_FIX"]
+
+SHM = "/dev/shm"
+SHM_FIX = (
+    "give the container a usable shared memory: `docker run --ipc=host` or `--shm-size=8g` "
+    "(compose: `ipc: host` or `shm_size: 8gb`; Salad: the container group's `ipc_mode`/`shm_size` settings; "
+    "Kubernetes: an emptyDir with medium Memory mounted at /dev/shm)"
+)
+_MP_TIMEOUT_S = 60.0
+_GIB = 1024**3
+_MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    needed_by_mp: bool = False  # a failure means FastVideo's mp executor cannot run here
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this process will load: the engine name and the settings to load it with."""
+
+    engine: str
+    settings: Settings
+    reason: str
+    fallback: bool = False
+
+
+def _double(x: int) -> int:  # runs in the spawned self-check pool
+    return 2 * x
+
+
+def _torch_checks() -> list[Check]:
+    try:
+        import torch
+    except ImportError:
+        return [Check("PyTorch", False, "not installed (a producer-only install?)", "install the worker extra")]
+    cuda = torch.cuda.is_available()
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "none"
+    return [
+        Check("PyTorch", True, torch.__version__),
+        Check("CUDA available", True, str(cuda)),
+        Check("GPU", True, gpu),
+    ]
+
+
+def _fastvideo_check() -> Check:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return Check("FastVideo", True, version("fastvideo"))
+    except PackageNotFoundError:
+        return Check("FastVideo", True, "not installed (ENGINE=fastvideo needs scripts/install-fastvideo.sh)")
+
+
+def _shm_check(settings: Settings) -> Check:
+    try:
+        st = os.statvfs(SHM)
+    except OSError as exc:
+        return Check(SHM, False, f"missing ({exc.strerror})", SHM_FIX, needed_by_mp=True)
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    size = f"{total / _GIB:.1f} GiB, {free / _GIB:.1f} GiB free"
+    if st.f_flag & os.ST_RDONLY or not os.access(SHM, os.W_OK):
+        return Check(
+            SHM, False, f"{size}, read-only: multiprocessing locks and queues cannot be created", SHM_FIX, True
+        )
+    if free < settings.MIN_SHM_MB * _MIB:
+        return Check(
+            SHM, False,
+            f"{free / _MIB:.0f} MiB free, below MIN_SHM_MB={settings.MIN_SHM_MB}: FastVideo moves tensors between "
+            "processes through it and fails with 'unable to allocate shared memory'",
+            SHM_FIX, True,
+        )  # fmt: skip
+    return Check(SHM, True, f"{size}, writable")
+
+
+def _multiprocessing_check() -> Check:
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with ctx.Pool(1) as pool:
+            result = pool.map_async(_double, [1, 2, 3]).get(timeout=_MP_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, with its cause
+        text = f"{type(exc).__name__}: {exc}"
+        if "daemonic" in text or "AuthenticationString" in text:
+            fix = "call worker_config.mp_in_pool.allow_children_in_pool_process() in the pool child first"
+        else:
+            fix = SHM_FIX
+        return Check("Multiprocessing", False, f"a spawn pool failed in pid {os.getpid()}: {text}", fix, True)
+    return Check("Multiprocessing", True, str(result))
+
+
+def semaphores_problem() -> str | None:
+    """Why no multiprocessing lock can be created here (None when one can). Celery's prefork pool
+    needs them before any pool child exists, so the main process checks this at worker_init."""
+    try:  # the fork context unlinks the semaphore at once: no resource-tracker process is started
+        multiprocessing.get_context("fork").Lock()
+    except OSError as exc:
+        return (
+            f"cannot create a multiprocessing lock in {SHM} ({exc.strerror}): neither Celery's prefork pool nor "
+            f"FastVideo's mp executor can start, and no engine fallback helps. Fix: {SHM_FIX}"
+        )
+    return None
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Run every check in this process (a spawn pool is started and stopped: about a second)."""
+    return [*_torch_checks(), _fastvideo_check(), _shm_check(settings), _multiprocessing_check()]
+
+
+def banner(checks: list[Check]) -> str:
+    lines = [f"renderfarm self-check (pid {os.getpid()}):"]
+    for check in checks:
+        if check.name == "Multiprocessing" and check.ok:
+            lines.append(f"  Multiprocessing OK: {check.detail}")
+        elif check.ok:
+            lines.append(f"  {check.name}: {check.detail}")
+        else:
+            lines.append(f"  {check.name}: FAILED: {check.detail}")
+            if check.fix:
+                lines.append(f"    fix: {check.fix}")
+    return "\n".join(lines)
+
+
+def plan(settings: Settings, checks: list[Check]) -> Plan:
+    """The engine to load here, given the checks; ``FatalWorkerError`` when nothing can run."""
+    from tasks.engines import choose_engine
+    from tasks.errors import FatalWorkerError
+
+    engine = choose_engine(settings)
+    blocking = [c for c in checks if c.needed_by_mp and not c.ok]
+    if engine != "fastvideo" or settings.DISTRIBUTED_EXECUTOR_BACKEND != "mp" or not blocking:
+        return Plan(
+            engine, settings, f"ENGINE={engine}, DISTRIBUTED_EXECUTOR_BACKEND={settings.DISTRIBUTED_EXECUTOR_BACKEND}"
+        )
+    why = "; ".join(f"{c.name}: {c.detail}" for c in blocking)
+    skipped: list[str] = []
+
+    def reason(target: str) -> str:
+        passed = f" (skipped: {', '.join(skipped)})" if skipped else ""
+        return f"FastVideo's mp executor cannot run here; fallback to {target}{passed}. Cause: {why}. Fix: {SHM_FIX}"
+
+    for fallback in settings.engine_fallbacks:
+        if fallback == "ray":
+            if importlib.util.find_spec("ray") is None:
+                skipped.append("ray (the ray package is not installed)")
+                continue
+            update = {"ENGINE": "fastvideo", "DISTRIBUTED_EXECUTOR_BACKEND": "ray"}
+            return Plan("fastvideo", settings.model_copy(update=update), reason("the Ray executor"), True)
+        if fallback == "diffusers":
+            if importlib.util.find_spec("diffusers") is None:
+                skipped.append("diffusers (the diffusers package is not installed)")
+                continue
+            return Plan(
+                "diffusers", settings.model_copy(update={"ENGINE": "diffusers"}), reason("the diffusers engine"), True
+            )
+    tried = f"; fallbacks skipped: {', '.join(skipped)}" if skipped else ""
+    raise FatalWorkerError(
+        f"FastVideo's mp executor cannot run in this container ({why}). Fix: {SHM_FIX}. "
+        f"ENGINE_FALLBACKS={settings.ENGINE_FALLBACKS or 'none'!s}{tried}"
+    )
+
+
+def startup(settings: Settings) -> Plan:
+    """The pool child's check: print the banner, then decide (or raise ``FatalWorkerError``)."""
+    checks = run_checks(settings) if settings.SELFCHECK else []
+    if checks:
+        print(banner(checks), flush=True)
+    chosen = plan(settings, checks)
+    if chosen.fallback:
+        print(f"renderfarm self-check: {chosen.reason}", flush=True)
+    return chosen
+
+
+def main() -> int:
+    """``python -m worker_config.selfcheck``: the operator's on-demand check."""
+    from tasks.errors import FatalWorkerError
+    from worker_config.mp_in_pool import allow_children_in_pool_process
+    from worker_config.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"renderfarm self-check: {exc}", file=sys.stderr)
+        return 2
+    allow_children_in_pool_process()
+    checks = run_checks(settings)
+    print(banner(checks))
+    try:
+        chosen = plan(settings, checks)
+    except FatalWorkerError as exc:
+        print(f"  Verdict: FAILED: {exc}")
+        return 1
+    backend = chosen.settings.DISTRIBUTED_EXECUTOR_BACKEND
+    print(f"  Verdict: OK: a worker here loads ENGINE={chosen.engine} (DISTRIBUTED_EXECUTOR_BACKEND={backend})")
+    if chosen.fallback:
+        print(f"    {chosen.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
