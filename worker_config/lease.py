@@ -80,7 +80,9 @@ def _start(**_: Any) -> None:
     _KEEPER = LeaseKeeper(settings.REDIS_URL, settings.LEASE_RENEW_S)
     _KEEPER.start()
     log.info(
-        "task leases renewed every %.0fs (visibility timeout %ds)", settings.LEASE_RENEW_S, settings.VISIBILITY_TIMEOUT_S
+        "task leases renewed every %.0fs (visibility timeout %ds)",
+        settings.LEASE_RENEW_S,
+        settings.VISIBILITY_TIMEOUT_S,
     )
 
 
