@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["StageClock", "PROGRESS"]
+__all__ = ["MIN_STEP_INTERVAL_S", "PROGRESS", "StageClock"]
 
 PROGRESS = "PROGRESS"
+MIN_STEP_INTERVAL_S = 0.1
 
 
 class StageClock:
@@ -22,6 +23,7 @@ class StageClock:
         self._stage_started = self._started
         self.stage: str | None = None
         self._timings: dict[str, float] = {}
+        self._published = 0.0
 
     def enter(self, stage: str, step: int | None = None, steps: int | None = None) -> None:
         """Close the current stage and start ``stage``; publish it as the task's PROGRESS."""
@@ -32,10 +34,14 @@ class StageClock:
         self._publish(step, steps)
 
     def progress(self, stage: str, step: int | None, steps: int | None) -> None:
-        """The engine's progress callback: a new stage, or the next step within the current one."""
+        """The engine's progress callback: a new stage, or the next step within the current one.
+
+        Steps within a stage are published at most every ``MIN_STEP_INTERVAL_S`` (the last one
+        always), so millisecond steps do not cost a Redis write each.
+        """
         if stage != self.stage:
             self.enter(stage, step, steps)
-        else:
+        elif step == steps or time.perf_counter() - self._published >= MIN_STEP_INTERVAL_S:
             self._publish(step, steps)
 
     def timings(self) -> dict[str, float]:
@@ -48,6 +54,7 @@ class StageClock:
         return {name: round(seconds, 4) for name, seconds in out.items()}
 
     def _publish(self, step: int | None, steps: int | None) -> None:
+        self._published = time.perf_counter()
         meta: dict[str, Any] = {"stage": self.stage}
         if steps is not None:
             meta.update(step=step, steps=steps)

@@ -15,7 +15,7 @@ from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
-from tasks.cancel import cancel_requested
+from tasks.cancel import CANCEL_KEY, CancelWatch
 from tasks.celery import app
 from tasks.errors import (
     DeliveryLimitExceeded,
@@ -27,7 +27,7 @@ from tasks.errors import (
     TransientError,
 )
 from tasks.keys import RenderSpec, object_key, resolve
-from tasks.memory import PeakMemory
+from tasks.memory import PeakMemory, release_freed_memory
 from tasks.oom import with_one_oom_retry
 from tasks.progress import StageClock
 from tasks.schemas import Limits, RenderResult, parse_request
@@ -98,12 +98,10 @@ class RenderCancelled(Exception):
 
 def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict[str, Any]:
     clock.enter("validating")
-    if cancel_requested(task.backend.client, task.request.id):
-        raise RenderCancelled
     request = parse_request(kwargs)
     spec = resolve(request, get_settings().MODEL_ID, task.request.id or "local", task.limits)
     key = object_key(spec)
-    _count_delivery(task)
+    _admit(task)
     log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
              spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
 
@@ -184,10 +182,10 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
     from worker_config.lifecycle import ENGINE
 
     engine = ENGINE.get()
-    client, task_id = task.backend.client, task.request.id
+    watch = CancelWatch(task.backend.client, task.request.id)
 
     def progress(stage: str, step: int | None, steps: int | None) -> None:
-        if step is not None and cancel_requested(client, task_id):
+        if step is not None and watch.requested():
             raise RenderCancelled
         clock.progress(stage, step, steps)
 
@@ -209,6 +207,7 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
             raise RenderError(f"engine {engine.name} returned frames shaped {frames.shape}, expected {expected}")
         encode_mp4(frames, spec["fps"], path)
         del frames
+    release_freed_memory()
     metadata = {
         "sha256": sha256_file(path),
         "width": str(spec["width"]),
@@ -224,14 +223,18 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
     return task.spool.commit(key, metadata)
 
 
-def _count_delivery(task: RenderTask) -> None:
-    """Count deliveries of this task attempt; fail for good once its worker died too often."""
-    limit = get_settings().MAX_DELIVERIES
-    name = f"renderfarm:deliveries:{task.request.id}:{task.request.retries}"
-    client = task.backend.client
-    count = client.incr(name)
+def _admit(task: RenderTask) -> None:
+    """One round trip: stop if the task was cancelled; count this delivery and fail for good once
+    its worker died during too many of them."""
     settings = get_settings()
-    client.expire(name, (settings.RENDER_TIME_LIMIT_S + settings.VISIBILITY_TIMEOUT_S) * (limit + 1))
+    limit = settings.MAX_DELIVERIES
+    name = f"renderfarm:deliveries:{task.request.id}:{task.request.retries}"
+    ttl = (settings.RENDER_TIME_LIMIT_S + settings.VISIBILITY_TIMEOUT_S) * (limit + 1)
+    pipe = task.backend.client.pipeline(transaction=False)
+    pipe.exists(CANCEL_KEY.format(task_id=task.request.id)).incr(name).expire(name, ttl)
+    cancelled, count, _ = pipe.execute()
+    if cancelled:
+        raise RenderCancelled
     if count > limit:
         raise DeliveryLimitExceeded(
             f"task {task.request.id} was delivered {count} times and its worker process died during each of "
