@@ -1,4 +1,4 @@
-"""The ``renderfarm`` command: demo, submit, status, cancel, result.
+"""The ``renderfarm`` command: demo, submit, status, cancel, result; workers, worker, doctor.
 
 Errors print one clear line (and the fix where known), not a traceback.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
 
 
@@ -30,6 +31,12 @@ Frames = Annotated[int | None, typer.Option("--frames", help="Number of frames (
 Steps = Annotated[int | None, typer.Option("--steps", help="Denoising steps.")]
 Seed = Annotated[int | None, typer.Option(help="Random seed (default: derived from the task id).")]
 Fps = Annotated[int | None, typer.Option(help="Frames per second of the MP4.")]
+
+
+class Priority(StrEnum):
+    high = "high"
+    normal = "normal"
+    low = "low"
 
 
 def _request(prompt: str, **fields: Any) -> dict[str, Any]:
@@ -76,16 +83,24 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Wait with a progress bar and print the result.")] = False,
     save: Annotated[Path | None, typer.Option(help="With --wait: download the MP4 here.")] = None,
     timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600.0,
+    priority: Annotated[Priority, typer.Option(help="Queue priority: high runs before normal, normal before low.")] = (
+        Priority.normal
+    ),
+    webhook_url: Annotated[
+        str | None, typer.Option(help="POST the signed result here when done (host must be allow-listed).")
+    ] = None,
 ) -> None:
     """Send a render to the queue (REDIS_URL); print its task id, or with --wait its result."""
     from tasks import InvalidRequest, render
     from tasks.schemas import parse_request
+    from worker_config.celery_config import PRIORITIES
 
     request = _request(prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, seed=seed,
-                       fps=fps, negative_prompt=negative_prompt, force=force or None)  # fmt: skip
+                       fps=fps, negative_prompt=negative_prompt, force=force or None,
+                       webhook_url=webhook_url)  # fmt: skip
     try:
         parse_request(request)  # the worker validates again; this fails fast without a round trip
-        async_result = render.delay(**request)
+        async_result = render.apply_async(kwargs=request, priority=PRIORITIES[priority.value])
     except InvalidRequest as exc:
         _fail(str(exc), 2)
     except Exception as exc:  # noqa: BLE001
@@ -155,6 +170,85 @@ def result(
     from tasks import app as celery_app
 
     _wait_and_print(celery_app.AsyncResult(task_id), timeout, save)
+
+
+@app.command()
+def workers(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0,
+) -> None:
+    """Which workers are up, the model each serves and what each is doing."""
+    from renderfarm.fleet import survey
+    from tasks import app as celery_app
+
+    celery_app.conf.broker_connection_retry = False
+    celery_app.conf.broker_connection_timeout = 5
+    try:
+        found = survey(celery_app, timeout)
+    except Exception as exc:  # noqa: BLE001
+        _fail(f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}")
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        console.print("no worker answered (start one with `renderfarm worker`)")
+        return
+    from rich.table import Table
+
+    table = Table("worker", "model", "engine", "queues", "status", "doing", "done")
+    for w in found:
+        doing = "; ".join(f"{r['id'][:8]} {r['progress']} {r['prompt']!r}" for r in w["active"]) or "-"
+        table.add_row(w["worker"], w["model"], w["engine"], ",".join(w["queues"]), w["status"], doing,
+                      str(w["processed"]))  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    name: Annotated[str, typer.Option(help="Node name before '@' (GPU workers get -gpuN appended).")] = "render",
+    dry_run: Annotated[bool, typer.Option(help="Print the worker command(s) as JSON instead of running them.")] = False,
+) -> None:
+    """Start a render worker for this machine: prefork, concurrency 1, one per GPU (group of NUM_GPUS)."""
+    from renderfarm.launch import plan_workers, run_workers, visible_gpus
+    from worker_config.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    plans = plan_workers(settings, visible_gpus(settings), loglevel=loglevel, name=name)
+    if dry_run:
+        typer.echo(json.dumps([{"name": p.name, "argv": p.argv, "env": p.env} for p in plans], indent=2))
+        return
+    for plan in plans:
+        gpus = plan.env.get("CUDA_VISIBLE_DEVICES")
+        console.print(f"starting worker {plan.name} ({f'GPU {gpus}' if gpus else 'CPU'}): {' '.join(plan.argv[1:])}")
+    raise typer.Exit(run_workers(plans))
+
+
+@app.command()
+def doctor(
+    producer: Annotated[bool, typer.Option(help="Skip the worker checks (torch, /dev/shm, model).")] = False,
+) -> None:
+    """Check the broker, storage, webhooks and (for workers) torch/CUDA, /dev/shm, multiprocessing and the model."""
+    from renderfarm.doctor import run_doctor
+    from worker_config.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    findings = run_doctor(settings, worker=not producer)
+    for f in findings:
+        mark = "[green]ok[/]  " if f.ok else "[bold red]FAIL[/]"
+        console.print(f"{mark} {f.name}: {f.detail}", highlight=False, soft_wrap=True)
+        if f.fix and not f.ok:
+            console.print(f"     fix: {f.fix}", highlight=False, soft_wrap=True)
+    failed = [f.name for f in findings if not f.ok]
+    if failed:
+        _fail(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    console.print("all checks passed")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from tasks.errors import InvalidRequest
 from tasks.profiles import profile_for
 from tasks.schemas import Limits, RenderRequest
+from tasks.webhook import check_url
 
 __all__ = ["RenderSpec", "resolve", "seed_for_task", "object_key", "KEY_VERSION"]
 
@@ -38,7 +39,13 @@ def resolve(request: RenderRequest, served_model: str, task_id: str, limits: Lim
     model = request.model or served_model
     if model not in limits.models:
         raise InvalidRequest(f"model: {model!r} is not served by this queue; available: {', '.join(limits.models)}")
-    given = request.model_dump(exclude_none=True, exclude={"force"})
+    if request.webhook_url is not None:
+        try:
+            check_url(request.webhook_url, limits.webhooks)
+        except ValueError as exc:
+            raise InvalidRequest(f"webhook_url: {exc}") from None
+    # ``force`` and ``webhook_url`` decide what happens around the render, not its pixels or key.
+    given = request.model_dump(exclude_none=True, exclude={"force", "webhook_url"})
     spec: RenderSpec = {**profile_for(model).defaults(), **given, "model": model}
     if spec.get("seed") is None:
         spec["seed"] = seed_for_task(task_id)

@@ -33,6 +33,7 @@ from tasks.progress import StageClock
 from tasks.schemas import Limits, RenderResult, parse_request
 from tasks.spool import Spool, SpooledVideo
 from tasks.storage import StoredVideo, VideoStore
+from worker_config.events import render_stored
 from worker_config.settings import get_settings
 
 __all__ = ["render"]
@@ -148,6 +149,7 @@ def _hand_over_upload(task: RenderTask, clock: StageClock, key: str, video: Spoo
         seconds = time.perf_counter() - started
         result["timings"]["uploading"] = round(seconds, 4)
         task.backend.store_result(request.id, result, states.SUCCESS, request=request)
+        render_stored.send(sender=task, task_id=request.id, kwargs=request.kwargs, result=result)
         log.info("uploaded %s in %.2fs (background)", key, seconds)
 
     UPLOADER.submit(upload)

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.webhook import WebhookPolicy
+
 __all__ = ["RenderRequest", "RenderResult", "Limits", "parse_request", "MAX_SIDE", "MAX_FRAMES"]
 
 MAX_SIDE = 1920
@@ -44,6 +46,9 @@ class RenderRequest(BaseModel):
     fps: int | None = Field(None, ge=1, le=120)
     model: str | None = Field(None, min_length=1, max_length=200)
     force: bool = False
+    # Not part of the video (nor of its object key): where to POST the result when the render ends.
+    # Its syntax is checked here; the host allow-list and addresses in ``keys.resolve`` (``Limits``).
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
@@ -63,6 +68,22 @@ class RenderRequest(BaseModel):
     def _negative_text(cls, value: str | None) -> str | None:
         return None if value is None else _check_text(value, "negative_prompt")
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_syntax(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("use an absolute http:// or https:// URL")
+        return _check_text(value, "webhook_url")
+
     @field_validator("num_frames")
     @classmethod
     def _wan_frame_count(cls, value: int | None) -> int | None:
@@ -77,6 +98,9 @@ class Limits(BaseModel):
     max_prompt_chars: int
     max_pixel_frames: int
     models: tuple[str, ...]
+    # Webhook allow-list and secret (WEBHOOK_ALLOWED_HOSTS, WEBHOOK_SECRET); read from settings
+    # when not given, so every worker checks webhook URLs against its own deployment's list.
+    webhooks: WebhookPolicy = Field(default_factory=WebhookPolicy.from_settings)
 
 
 class RenderResult(BaseModel):

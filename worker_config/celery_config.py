@@ -8,6 +8,8 @@ Why each value (see docs/settings.md for the operator's view):
   a healthy render is never handed to a second worker, a dead node's task moves on in minutes.
 - worker_proc_alive_timeout above the model load: Celery's 4 s default SIGKILLs every
   replacement child that loads a model, in a loop.
+- message priorities (high 0, normal 3, low 9) on kombu's default Redis priority lists, so a
+  busy farm takes high before normal before low, from any producer (docs/api.md#priority).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from typing import Any
 
 from worker_config.settings import Settings
 
-__all__ = ["RENDER_QUEUE", "celery_config"]
+__all__ = ["RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "celery_config"]
 
 RENDER_QUEUE = "render"
+# Message priorities on the Redis transport: 0 is served first, 9 last (kombu's steps 0, 3, 6, 9;
+# a priority between two steps counts as the lower step number, e.g. 5 as 3).
+PRIORITIES = {"high": 0, "normal": 3, "low": 9}
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEP = "\x06\x16"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -31,7 +38,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.REDIS_URL,
         "result_backend": settings.REDIS_URL,
-        "broker_transport_options": transport,
+        # Priorities (Redis): one list per step, `render` (0, served first), then `render<sep>3`,
+        # `<sep>6`, `<sep>9`; a worker pops the best non-empty list first. Steps and separator are
+        # kombu's defaults, on purpose: a producer that does not load this configuration computes
+        # the same list names, so its prioritised messages are consumed (a different `sep` would
+        # strand them). Messages without a priority count as 0.
+        "broker_transport_options": {
+            **transport,
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEP,
+            "queue_order_strategy": "priority",
+        },
         "result_backend_transport_options": dict(transport),
         "broker_connection_retry_on_startup": True,
         # A Redis restart is survived: result reads and writes retry with backoff (up to 10 s apart).
@@ -48,7 +65,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # queue mode holds only the task it runs; buffer mode holds one more, ready to start.
         "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
         "task_default_queue": RENDER_QUEUE,
-        "task_routes": {"tasks.render": {"queue": RENDER_QUEUE}},
+        "task_routes": {
+            "tasks.render": {"queue": RENDER_QUEUE},
+            "tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE},
+        },
+        "task_default_priority": PRIORITIES["normal"],
         # Visibility: STARTED and PROGRESS states, events for Flower, extended results.
         "task_track_started": True,
         "worker_send_task_events": True,

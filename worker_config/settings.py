@@ -97,6 +97,25 @@ class Settings(BaseSettings):
     MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
     MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
 
+    # --- Operator and producer experience (issue 6): metrics, logs, webhooks ----------------------
+    # Prometheus metrics served by the worker's main process on this port (0 = off); each worker
+    # on a host needs its own port (`renderfarm worker` gives the N-th GPU worker METRICS_PORT+N).
+    METRICS_PORT: int = Field(0, ge=0, le=65535)
+    METRICS_ADDR: str = "0.0.0.0"
+    # Worker log lines: "text" (Celery's layout plus the task id) or "json" (one object a line).
+    LOG_FORMAT: Literal["text", "json"] = "text"
+    # Webhooks (the request's webhook_url): signing key (HMAC-SHA256), the hosts a URL may name
+    # (comma-separated: host, *.domain, IP or CIDR; empty = webhooks refused), retries with backoff.
+    WEBHOOK_SECRET: str | None = None
+    WEBHOOK_ALLOWED_HOSTS: str = ""
+    WEBHOOK_TIMEOUT_S: float = Field(10.0, gt=0, le=120)
+    WEBHOOK_MAX_RETRIES: int = Field(8, ge=0, le=50)
+    WEBHOOK_RETRY_BACKOFF_S: int = Field(2, ge=1, le=600)
+    WEBHOOK_RETRY_BACKOFF_MAX_S: int = Field(600, ge=1, le=86400)
+    # The queue deliveries go to: the render queue by default, where they jump ahead of queued
+    # renders (top priority); a separate queue needs its own light worker (docs/monitoring.md).
+    WEBHOOK_QUEUE: str = Field("render", min_length=1)
+
     @field_validator("ENGINE", mode="before")
     @classmethod
     def _blank_engine_is_auto(cls, value: object) -> object:

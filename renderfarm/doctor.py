@@ -1,0 +1,120 @@
+"""``renderfarm doctor``: is this machine ready to produce or render?
+
+Checks, each with one line and the fix where known: the settings, the broker (Redis answers, the
+render queue's depth, workers answering), object storage (the bucket with the workers'
+credentials), webhooks (secret and allow-list), then the worker self-check from
+``worker_config.selfcheck`` (PyTorch, CUDA, GPU, FastVideo, /dev/shm, a real spawn pool, the
+engine a worker here would load). A producer-only install (no torch) skips the worker part.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker_config.settings import Settings
+
+__all__ = ["Finding", "run_doctor"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+def _broker(settings: Settings) -> list[Finding]:
+    import redis
+
+    from worker_config.celery_config import PRIORITY_SEP, PRIORITY_STEPS
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        version = client.info("server").get("redis_version", "?")
+        keys = ["render" if step == 0 else f"render{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+        depth = sum(int(client.llen(key)) for key in keys)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return [Finding("broker", False, f"Redis at REDIS_URL does not answer: {type(exc).__name__}: {exc}",
+                        "start Redis or fix REDIS_URL (redis://:PASSWORD@host:6379/0)")]  # fmt: skip
+    finally:
+        client.close()
+    return [Finding("broker", True, f"Redis {version}; {depth} render(s) waiting in queue 'render'")]
+
+
+def _workers() -> Finding:
+    from tasks.celery import app
+
+    app.conf.broker_connection_retry = False
+    app.conf.broker_connection_timeout = 3
+    try:
+        replies = app.control.inspect(timeout=1.5).ping() or {}
+    except Exception as exc:  # noqa: BLE001
+        return Finding("workers", False, f"cannot ask workers: {exc}")
+    if not replies:
+        return Finding("workers", True, "none answering (renders wait in the queue until one starts)")
+    return Finding("workers", True, f"{len(replies)} answering: {', '.join(sorted(replies))}")
+
+
+def _storage(settings: Settings) -> Finding:
+    from tasks.errors import StorageUnavailable
+    from tasks.storage import VideoStore
+
+    try:
+        store = VideoStore(settings)
+        exists = store._client.bucket_exists(store.bucket)  # a read-only probe
+    except StorageUnavailable as exc:
+        return Finding("storage", False, str(exc), "set MINIO_ACCESS_KEY and MINIO_SECRET_KEY (workers need them)")
+    except Exception as exc:  # noqa: BLE001
+        return Finding("storage", False, f"{settings.MINIO_ENDPOINT}: {type(exc).__name__}: {exc}",
+                       "check MINIO_ENDPOINT, MINIO_SECURE and the credentials")  # fmt: skip
+    detail = f"{settings.MINIO_ENDPOINT}, bucket {settings.MINIO_BUCKET!r} " + (
+        "exists" if exists else "missing (the first worker upload creates it)"
+    )
+    return Finding("storage", True, detail)
+
+
+def _webhooks(settings: Settings) -> Finding:
+    if not settings.WEBHOOK_SECRET:
+        return Finding("webhooks", True, "off (WEBHOOK_SECRET unset: requests with webhook_url are refused)")
+    if not settings.WEBHOOK_ALLOWED_HOSTS.strip():
+        return Finding("webhooks", False, "WEBHOOK_SECRET is set but WEBHOOK_ALLOWED_HOSTS is empty",
+                       "list the receivers' hosts in WEBHOOK_ALLOWED_HOSTS")  # fmt: skip
+    return Finding("webhooks", True, f"on, allowed hosts: {settings.WEBHOOK_ALLOWED_HOSTS}")
+
+
+def _worker_checks(settings: Settings) -> list[Finding]:
+    if importlib.util.find_spec("torch") is None:
+        return [
+            Finding("worker", True, "PyTorch not installed: a producer-only install (workers need the worker extra)")
+        ]
+    try:
+        from worker_config import selfcheck
+    except ImportError:  # placeholder for installs without the self-check module
+        return [Finding("worker", True, "self-check not available in this version")]
+    from tasks.errors import FatalWorkerError
+
+    checks = selfcheck.run_checks(settings)
+    found = [Finding(c.name, c.ok, c.detail, c.fix) for c in checks]
+    try:
+        chosen = selfcheck.plan(settings, checks)
+    except FatalWorkerError as exc:
+        return [*found, Finding("model", False, f"MODEL_ID={settings.MODEL_ID}: nothing can render here: {exc}")]
+    where = "built in" if settings.MODEL_ID == "tiny-wan" else "downloaded on a worker's first load unless cached"
+    detail = f"MODEL_ID={settings.MODEL_ID} ({where}) on ENGINE={chosen.engine}"
+    if chosen.fallback:
+        detail += f" (fallback: {chosen.reason})"
+    return [*found, Finding("model", True, detail)]
+
+
+def run_doctor(settings: Settings, worker: bool = True) -> list[Finding]:
+    findings = _broker(settings)
+    if findings[0].ok:
+        findings.append(_workers())
+    findings += [_storage(settings), _webhooks(settings)]
+    if worker:
+        findings += _worker_checks(settings)
+    return findings

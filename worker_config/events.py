@@ -1,0 +1,15 @@
+"""The project's own worker signals, for what Celery's task signals cannot see.
+
+``render_stored``: a render's video reached storage outside its task's run: in
+``WORKER_MODE=buffer`` the task hands the upload to a background thread and returns (Celery sends
+no ``task_success``); the thread sends this once the object is stored and the result written.
+Receivers get ``task_id``, ``kwargs`` (the request) and ``result`` (the result object).
+"""
+
+from __future__ import annotations
+
+from celery.utils.dispatch import Signal
+
+__all__ = ["render_stored"]
+
+render_stored = Signal(name="render_stored")
