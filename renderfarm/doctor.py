@@ -10,24 +10,17 @@ engine a worker here would load). A producer-only install (no torch) skips the w
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from worker_config.selfcheck import Check
 
 if TYPE_CHECKING:
     from worker_config.settings import Settings
 
-__all__ = ["Finding", "run_doctor"]
+__all__ = ["Check", "run_doctor"]
 
 
-@dataclass(frozen=True)
-class Finding:
-    name: str
-    ok: bool
-    detail: str
-    fix: str | None = None
-
-
-def _broker(settings: Settings) -> list[Finding]:
+def _broker(settings: Settings) -> list[Check]:
     import redis
 
     from worker_config.celery_config import PRIORITY_SEP, PRIORITY_STEPS
@@ -38,14 +31,14 @@ def _broker(settings: Settings) -> list[Finding]:
         keys = ["render" if step == 0 else f"render{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
         depth = sum(int(client.llen(key)) for key in keys)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return [Finding("broker", False, f"Redis at REDIS_URL does not answer: {type(exc).__name__}: {exc}",
+        return [Check("broker", False, f"Redis at REDIS_URL does not answer: {type(exc).__name__}: {exc}",
                         "start Redis or fix REDIS_URL (redis://:PASSWORD@host:6379/0)")]  # fmt: skip
     finally:
         client.close()
-    return [Finding("broker", True, f"Redis {version}; {depth} render(s) waiting in queue 'render'")]
+    return [Check("broker", True, f"Redis {version}; {depth} render(s) waiting in queue 'render'")]
 
 
-def _workers() -> Finding:
+def _workers() -> Check:
     from tasks.celery import app
 
     app.conf.broker_connection_retry = False
@@ -53,13 +46,13 @@ def _workers() -> Finding:
     try:
         replies = app.control.inspect(timeout=1.5).ping() or {}
     except Exception as exc:  # noqa: BLE001
-        return Finding("workers", False, f"cannot ask workers: {exc}")
+        return Check("workers", False, f"cannot ask workers: {exc}")
     if not replies:
-        return Finding("workers", True, "none answering (renders wait in the queue until one starts)")
-    return Finding("workers", True, f"{len(replies)} answering: {', '.join(sorted(replies))}")
+        return Check("workers", True, "none answering (renders wait in the queue until one starts)")
+    return Check("workers", True, f"{len(replies)} answering: {', '.join(sorted(replies))}")
 
 
-def _storage(settings: Settings) -> Finding:
+def _storage(settings: Settings) -> Check:
     from tasks.errors import StorageUnavailable
     from tasks.storage import VideoStore
 
@@ -67,50 +60,44 @@ def _storage(settings: Settings) -> Finding:
         store = VideoStore(settings)
         exists = store._client.bucket_exists(store.bucket)  # a read-only probe
     except StorageUnavailable as exc:
-        return Finding("storage", False, str(exc), "set MINIO_ACCESS_KEY and MINIO_SECRET_KEY (workers need them)")
+        return Check("storage", False, str(exc), "set MINIO_ACCESS_KEY and MINIO_SECRET_KEY (workers need them)")
     except Exception as exc:  # noqa: BLE001
-        return Finding("storage", False, f"{settings.MINIO_ENDPOINT}: {type(exc).__name__}: {exc}",
+        return Check("storage", False, f"{settings.MINIO_ENDPOINT}: {type(exc).__name__}: {exc}",
                        "check MINIO_ENDPOINT, MINIO_SECURE and the credentials")  # fmt: skip
     detail = f"{settings.MINIO_ENDPOINT}, bucket {settings.MINIO_BUCKET!r} " + (
         "exists" if exists else "missing (the first worker upload creates it)"
     )
-    return Finding("storage", True, detail)
+    return Check("storage", True, detail)
 
 
-def _webhooks(settings: Settings) -> Finding:
+def _webhooks(settings: Settings) -> Check:
     if not settings.WEBHOOK_SECRET:
-        return Finding("webhooks", True, "off (WEBHOOK_SECRET unset: requests with webhook_url are refused)")
+        return Check("webhooks", True, "off (WEBHOOK_SECRET unset: requests with webhook_url are refused)")
     if not settings.WEBHOOK_ALLOWED_HOSTS.strip():
-        return Finding("webhooks", False, "WEBHOOK_SECRET is set but WEBHOOK_ALLOWED_HOSTS is empty",
+        return Check("webhooks", False, "WEBHOOK_SECRET is set but WEBHOOK_ALLOWED_HOSTS is empty",
                        "list the receivers' hosts in WEBHOOK_ALLOWED_HOSTS")  # fmt: skip
-    return Finding("webhooks", True, f"on, allowed hosts: {settings.WEBHOOK_ALLOWED_HOSTS}")
+    return Check("webhooks", True, f"on, allowed hosts: {settings.WEBHOOK_ALLOWED_HOSTS}")
 
 
-def _worker_checks(settings: Settings) -> list[Finding]:
+def _worker_checks(settings: Settings) -> list[Check]:
     if importlib.util.find_spec("torch") is None:
-        return [
-            Finding("worker", True, "PyTorch not installed: a producer-only install (workers need the worker extra)")
-        ]
-    try:
-        from worker_config import selfcheck
-    except ImportError:  # placeholder for installs without the self-check module
-        return [Finding("worker", True, "self-check not available in this version")]
+        return [Check("worker", True, "PyTorch not installed: a producer-only install (workers need the worker extra)")]
     from tasks.errors import FatalWorkerError
+    from worker_config import selfcheck
 
-    checks = selfcheck.run_checks(settings)
-    found = [Finding(c.name, c.ok, c.detail, c.fix) for c in checks]
+    found = selfcheck.run_checks(settings)
     try:
-        chosen = selfcheck.plan(settings, checks)
+        chosen = selfcheck.plan(settings, found)
     except FatalWorkerError as exc:
-        return [*found, Finding("model", False, f"MODEL_ID={settings.MODEL_ID}: nothing can render here: {exc}")]
+        return [*found, Check("model", False, f"MODEL_ID={settings.MODEL_ID}: nothing can render here: {exc}")]
     where = "built in" if settings.MODEL_ID == "tiny-wan" else "downloaded on a worker's first load unless cached"
     detail = f"MODEL_ID={settings.MODEL_ID} ({where}) on ENGINE={chosen.engine}"
     if chosen.fallback:
         detail += f" (fallback: {chosen.reason})"
-    return [*found, Finding("model", True, detail)]
+    return [*found, Check("model", True, detail)]
 
 
-def run_doctor(settings: Settings, worker: bool = True) -> list[Finding]:
+def run_doctor(settings: Settings, worker: bool = True) -> list[Check]:
     findings = _broker(settings)
     if findings[0].ok:
         findings.append(_workers())

@@ -129,14 +129,16 @@ class WorkerProcess:
         extra_args: tuple[str, ...] = (),
         app: str = "tasks",
         queue: str = "render",
+        wrap: tuple[str, ...] = (),
     ) -> None:
+        """``wrap`` is a command that runs the worker command as its arguments (e.g. ``unshare ...``)."""
         self.name = name
         self.hostname = f"{name}@{socket.gethostname()}"
         self.log_path = log_path
         self._loads_engine = app == "tasks"
         self._log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
-            worker_command(self.hostname, *extra_args, app=app, queue=queue),
+            [*wrap, *worker_command(self.hostname, *extra_args, app=app, queue=queue)],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 

@@ -11,19 +11,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 
-from renderfarm.localstack import worker_command
-from tests.support import ROOT, TestWorker, wait_for
+from tests.support import TestWorker, wait_for
 
 __all__ = ["session_processes", "fastvideo_workers", "ShmWorker", "build_poisoned_tiny_wan", "wait_gone", "can_unshare"]
 
@@ -73,48 +69,15 @@ def can_unshare() -> bool:
     return probe.returncode == 0
 
 
-class ShmWorker:
-    """The documented worker command, with /dev/shm a private tmpfs mounted with ``mount_options``.
-
-    Self-contained on purpose (not a subclass of the shared worker helper): only the command differs.
-    """
+class ShmWorker(TestWorker):
+    """The documented worker command, with /dev/shm a private tmpfs mounted with ``mount_options``."""
 
     def __init__(self, name: str, env: dict[str, str], log_path: Path, mount_options: str) -> None:
-        self.name = name
-        self.hostname = f"{name}@{socket.gethostname()}"
-        self.log_path = log_path
-        celery = worker_command(self.hostname, "--without-mingle", "--without-gossip")
         script = f'mount -t tmpfs -o {mount_options} renderfarm-test-shm /dev/shm && exec "$@"'
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *celery]
-        self._log = open(log_path, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> ShmWorker:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log[-4000:]}")
-            return "engine loaded" in self.log and " ready." in self.log
-
-        wait_for(ready, timeout, f"worker {self.name} to load its engine", interval=0.1)
-        return self
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(
+            name, env, log_path, ("--without-mingle", "--without-gossip"),
+            wrap=("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"),
+        )  # fmt: skip
 
 
 def build_poisoned_tiny_wan(tiny_wan: Path, target: Path) -> Path:
