@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
 import psutil
 
 from renderfarm.localstack import ROOT, RedisServer, S3Server, SlowUploadProxy, WorkerProcess, free_port, wait_for
 
-__all__ = ["ROOT", "RedisServer", "S3Server", "SlowUploadProxy", "TestWorker", "free_port", "minio_client", "wait_for"]
+__all__ = [
+    "ROOT",
+    "RedisServer",
+    "S3Server",
+    "SlowUploadProxy",
+    "TestWorker",
+    "download_verified",
+    "ffprobe",
+    "free_port",
+    "minio_client",
+    "wait_for",
+]
 
 
 def minio_client(server: S3Server):
@@ -32,3 +50,22 @@ class TestWorker(WorkerProcess):
             return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+
+def ffprobe(path: Path) -> dict[str, Any]:
+    """The first video stream of an MP4 as ffprobe sees it, frames counted by decoding."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
+         "stream=codec_name,pix_fmt,width,height,nb_read_frames,avg_frame_rate", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)["streams"][0]  # type: ignore[no-any-return]
+
+
+def download_verified(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Download a result's MP4 through its presigned URL, check size and sha256, and ffprobe it."""
+    with urllib.request.urlopen(result["url"], timeout=30) as response:
+        path.write_bytes(response.read())
+    assert path.stat().st_size == result["size_bytes"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == result["sha256"]
+    return ffprobe(path)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import ROOT
+from tests.support import ROOT, ffprobe
 
 RENDERFARM = [sys.executable, "-m", "renderfarm.cli"]
 
@@ -25,11 +25,7 @@ def test_demo_renders_through_the_queue_and_saves_a_playable_mp4(tmp_path, model
     assert video.parent == tmp_path and video.suffix == ".mp4"
     assert "render.delay(prompt='a red fox running through fresh snow'" in done.stderr
     assert "Video: " in done.stderr and "Object: s3://renders/renders/" in done.stderr
-    probe = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_frames", "-show_entries", "stream=codec_name,width,height,nb_read_frames",
-         "-of", "json", str(video)], capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    stream = json.loads(probe.stdout)["streams"][0]
+    stream = ffprobe(video)
     assert (stream["codec_name"], stream["width"], stream["height"], stream["nb_read_frames"]) == ("h264", 96, 64, "9")
 
 

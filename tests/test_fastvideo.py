@@ -7,18 +7,15 @@ Skipped where fastvideo is not importable (the main .venv): see scripts/install-
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
-import urllib.request
 from pathlib import Path
 
 import pytest
 from celery import Celery
 
 from tests.fastvideo_support import build_poisoned_tiny_wan, fastvideo_workers, session_processes, wait_gone
-from tests.support import wait_for
-from tests.test_render_e2e import ffprobe
+from tests.support import download_verified, wait_for
 
 try:
     import fastvideo  # noqa: F401
@@ -57,12 +54,7 @@ def test_render_through_the_queue_with_fastvideo_on_cpu(
 
     assert first["engine"] == "fastvideo" and first["model"] == "tiny-wan" and first["cached"] is False
     assert (first["width"], first["height"], first["num_frames"], first["fps"]) == (80, 48, 13, 12)
-    video = tmp_path / "video.mp4"
-    with urllib.request.urlopen(first["url"], timeout=10) as response:
-        video.write_bytes(response.read())
-    assert video.stat().st_size == first["size_bytes"]
-    assert hashlib.sha256(video.read_bytes()).hexdigest() == first["sha256"]
-    stream = ffprobe(video)
+    stream = download_verified(first, tmp_path / "video.mp4")  # size and sha256 match the result
     assert stream["codec_name"] == "h264"
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
     assert stream["avg_frame_rate"] == "12/1"

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import subprocess
-import urllib.request
-from pathlib import Path
-
 import pytest
 from celery import Celery
 from minio.error import S3Error
+
+from tests.support import download_verified
 
 RESULT_FIELDS = {
     "bucket", "key", "url", "size_bytes", "sha256", "width", "height", "num_frames", "fps", "seed",
     "model", "engine", "cached", "worker", "timings",
 }  # fmt: skip
-
-
-def ffprobe(path: Path) -> dict:
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
-         "stream=codec_name,pix_fmt,width,height,nb_read_frames,avg_frame_rate", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return json.loads(out.stdout)["streams"][0]
 
 
 def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: Celery, s3, s3_server, bucket, tmp_path):
@@ -44,13 +31,7 @@ def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: C
     # The presigned URL is built for the public endpoint, not the internal one.
     assert result["url"].startswith(f"http://localhost:{s3_server.port}/{bucket}/{result['key']}?")
     assert "X-Amz-Expires=" in result["url"]
-    video = tmp_path / "video.mp4"
-    with urllib.request.urlopen(result["url"], timeout=10) as response:
-        video.write_bytes(response.read())
-    assert video.stat().st_size == result["size_bytes"]
-    assert hashlib.sha256(video.read_bytes()).hexdigest() == result["sha256"]
-
-    stream = ffprobe(video)
+    stream = download_verified(result, tmp_path / "video.mp4")  # size and sha256 match the result
     assert stream["codec_name"] == "h264" and stream["pix_fmt"] == "yuv420p"
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
     assert stream["avg_frame_rate"] == "12/1"
