@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory
+.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory bench-memory-fastvideo
 
 # The FastVideo engine on CPU (issue 3): its own venv, torch 2.14.1 + fastvideo 0.2.1 --no-deps (~6.5 GB).
 FV_VENV ?= .venv-fastvideo
@@ -52,3 +52,6 @@ bench: $(STAMP)  ## throughput and overhead, side by side (prints figures, write
 
 bench-memory: $(STAMP)  ## worker memory over 300 renders (prints growth per render, writes docs/benchmarks.md)
 	$(PY) -m bench.memory
+
+bench-memory-fastvideo: $(FV_STAMP)  ## the same with ENGINE=fastvideo (its spawned worker's RSS included)
+	$(FV_VENV)/bin/python -m bench.memory --engine fastvideo

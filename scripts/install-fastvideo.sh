@@ -28,7 +28,7 @@ pip_install() {
 # 1. torch first, pinned, so nothing later can swap it for another build.
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 # 2. The project with its worker stack, test tools and FastVideo's import dependencies.
-"${PIP[@]}" -e "$ROOT[worker,dev,fastvideo]"
+"${PIP[@]}" -e "$ROOT[worker,dev,bench,fastvideo]"
 # 3. FastVideo without its own dependency pins (see constraints-fastvideo.txt).
 "${PIP[@]}" --no-deps fastvideo==0.2.1
 
