@@ -1,4 +1,4 @@
-"""Progress and timings of one render: task states a producer and Flower can read.
+"""Progress and timings of one render: task states a producer reads, and events Flower shows.
 
 ``StageClock`` moves the task through stages (``PROGRESS`` state with ``{"stage", "step",
 "steps"}`` as its info) and records the seconds spent in each; ``timings()`` is what the
@@ -7,11 +7,13 @@ result reports.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 __all__ = ["MIN_STEP_INTERVAL_S", "PROGRESS", "StageClock"]
 
+log = logging.getLogger("renderfarm.progress")
 PROGRESS = "PROGRESS"
 MIN_STEP_INTERVAL_S = 0.1
 
@@ -58,5 +60,13 @@ class StageClock:
         meta: dict[str, Any] = {"stage": self.stage}
         if steps is not None:
             meta.update(step=step, steps=steps)
-        if self._task.request.id is not None:
-            self._task.update_state(state=PROGRESS, meta=meta)
+        if self._task.request.id is None:
+            return
+        self._task.update_state(state=PROGRESS, meta=meta)
+        if self._task.app.conf.worker_send_task_events:
+            # Monitors (Flower) only see events: a custom "task-progress" event puts the stage and
+            # step on the task there too. Monitoring must never fail a render.
+            try:
+                self._task.send_event("task-progress", retry=False, **meta)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("could not send a task-progress event: %s", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -186,3 +187,35 @@ def test_failure_reasons_map_the_error_hierarchy():
     }
     assert {type(e).__name__: outcome_of(e) for e in cases} == {type(e).__name__: o for e, o in cases.items()}
     assert set(cases.values()) | {"success", "cached", "cancelled"} == set(OUTCOMES)
+
+
+def test_flower_sees_each_renders_stage_through_task_progress_events(start_worker, producer):
+    import threading
+
+    start_worker()
+    state = producer.events.State()  # what Flower keeps, fed by the same events
+    progress: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        state.event(event)
+        if event["type"] == "task-progress":
+            progress.append(event)
+
+    with producer.connection_for_read() as conn:
+        receiver = producer.events.Receiver(conn, handlers={"*": on_event})
+        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": True}, daemon=True)
+        listener.start()
+        time.sleep(1)  # subscribed before the render starts
+        result = send(producer, prompt="watched", seed=9, **SMALL)
+        result.get(timeout=60)
+        wait_for(
+            lambda: (t := state.tasks.get(result.id)) is not None and t.state == "SUCCESS", 30, "the success event"
+        )
+        receiver.should_stop = True
+
+    stages = [e["stage"] for e in progress if e["uuid"] == result.id]
+    assert stages[0] == "validating" and "denoising" in stages and stages[-1] == "uploading"
+    denoising = [e for e in progress if e["uuid"] == result.id and e["stage"] == "denoising"]
+    assert denoising[-1]["step"] == denoising[-1]["steps"] == SMALL["num_inference_steps"]
+    task = state.tasks[result.id]
+    assert task.name == "tasks.render" and task.stage == "uploading" and "watched" in task.kwargs
