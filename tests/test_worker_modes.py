@@ -67,8 +67,15 @@ def test_queue_mode_acknowledges_only_after_the_upload(start_worker, producer: C
     assert "background" not in log
 
 
-def test_recycled_pool_process_loads_the_model_again_and_loses_nothing(start_worker, producer: Celery, s3, bucket):
-    worker = start_worker(WORKER_MAX_TASKS_PER_CHILD="1")
+@pytest.mark.parametrize(
+    "recycle",
+    [{"WORKER_MAX_TASKS_PER_CHILD": "1"}, {"WORKER_MAX_TASKS_PER_CHILD": "0", "WORKER_MAX_MEMORY_PER_CHILD_MB": "100"}],
+    ids=["by-task-count", "by-resident-memory"],
+)
+def test_recycled_pool_process_loads_the_model_again_and_loses_nothing(
+    recycle, start_worker, producer: Celery, s3, bucket
+):
+    worker = start_worker(**recycle)  # a tiny-wan pool process holds ~480 MiB: over 100 MiB after any task
     first = producer.send_task("tasks.render", kwargs={"prompt": "one", "seed": 1}, queue="render").get(timeout=120)
     second = producer.send_task("tasks.render", kwargs={"prompt": "two", "seed": 2}, queue="render").get(timeout=120)
 
