@@ -16,6 +16,7 @@ __all__ = ["PeakMemory", "release_freed_memory", "rss_mb"]
 
 _STATUS = Path("/proc/self/status")
 _LIBC: Any = None
+_RSS_AFTER_TRIM: float | None = None
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -63,18 +64,31 @@ class PeakMemory:
         return (None, None) if kb is None else (round(kb / 1024, 1), "rss")
 
 
-def release_freed_memory() -> None:
-    """Give memory freed by the last render back to the OS (glibc ``malloc_trim``).
+def release_freed_memory(every_mb: float = 64.0) -> bool:
+    """Give memory freed by renders back to the OS (glibc ``malloc_trim``) once it adds up.
 
-    Each render frees hundreds of MiB of tensors and frames; glibc keeps much of it in its heap,
-    fragmented, and a long-running worker's resident set grows by about the size of one video's
-    frames per render (measured: ~630 KiB per 64x64x9 render, flat with this call; see
-    docs/benchmarks.md). A no-op where the C library has no ``malloc_trim``.
+    Each render frees hundreds of MiB of tensors and frames; glibc keeps part of it in its heap,
+    fragmented, and without trimming a long-running worker's resident set grew by about one
+    video's frames per render (measured: ~630 KiB per 64x64x9 render; see docs/benchmarks.md).
+    Trimming after every render costs 5-20 ms (the trim, then page faults as the next render
+    takes the memory back), so it runs only once the resident set is ``every_mb`` above what it
+    was after the last trim: the growth is bounded, the cost amortised. Returns whether it trimmed.
+    A no-op where the C library has no ``malloc_trim``.
     """
-    global _LIBC
+    global _LIBC, _RSS_AFTER_TRIM
+    rss = rss_mb()
+    if rss is None:
+        return False
+    if _RSS_AFTER_TRIM is None:
+        _RSS_AFTER_TRIM = rss
+    if rss - _RSS_AFTER_TRIM < every_mb:
+        return False
     if _LIBC is None:
         name = ctypes.util.find_library("c")
         _LIBC = ctypes.CDLL(name) if name else False
     trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
-    if trim is not None:
-        trim(0)
+    if trim is None:
+        return False
+    trim(0)
+    _RSS_AFTER_TRIM = rss_mb()
+    return True
