@@ -14,6 +14,7 @@ import psutil
 from renderfarm.localstack import ROOT, RedisServer, S3Server, SlowUploadProxy, WorkerProcess, free_port, wait_for
 
 __all__ = [
+    "PACED",
     "ROOT",
     "RedisServer",
     "S3Server",
@@ -25,6 +26,10 @@ __all__ = [
     "minio_client",
     "wait_for",
 ]
+
+# A worker started with this environment paces every render step to at least 0.1 s (tests/pacing.py),
+# so renders that tests act on last long enough on any CPU. Celery reads --include from this variable.
+PACED = {"CELERY_WORKER_INCLUDE": "tests.pacing", "PACE_STEP_S": "0.1"}
 
 
 def minio_client(server: S3Server):

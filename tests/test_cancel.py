@@ -5,13 +5,14 @@ from __future__ import annotations
 from celery import Celery
 
 from tasks.cancel import cancel
-from tests.support import wait_for
+from tests.support import PACED, wait_for
 
-SLOW = {"prompt": "a long render", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 60}
+# 60 steps paced to at least 0.1 s each (tests/pacing.py): still running when the test cancels it.
+SLOW = {"prompt": "a long render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 60}
 
 
 def test_cancel_running_and_queued_renders_keeps_the_model_loaded(start_worker, producer: Celery, s3, bucket):
-    worker = start_worker()
+    worker = start_worker(**PACED)
     child = worker.pool_children()[0].pid
     running = producer.send_task("tasks.render", kwargs={**SLOW, "seed": 1}, queue="render")
     queued = producer.send_task("tasks.render", kwargs={**SLOW, "seed": 2}, queue="render")

@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 
-from tests.support import ROOT, free_port, wait_for
+from tests.support import PACED, ROOT, free_port, wait_for
 
 RENDERFARM = [sys.executable, "-m", "renderfarm.cli"]
-SLOW = {"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 80}
+SLOW = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 80}  # paced: 8 s or more
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def test_worker_plans_one_worker_per_gpu_group_with_its_own_devices_and_metrics_
 def test_worker_command_starts_a_worker_that_workers_lists_with_its_model_and_current_render(
     worker_env, producer, tmp_path
 ):
-    env = {**worker_env, "METRICS_PORT": str(free_port()), "METRICS_ADDR": "127.0.0.1"}
+    env = {**worker_env, "METRICS_PORT": str(free_port()), "METRICS_ADDR": "127.0.0.1", **PACED}
     log = open(tmp_path / "worker.log", "wb")
     proc = subprocess.Popen([*RENDERFARM, "worker", "--name", "cli"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

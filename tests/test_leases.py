@@ -11,10 +11,11 @@ import signal
 
 from celery import Celery
 
-from tests.support import wait_for
+from tests.support import PACED, wait_for
 
-LEASE = {"VISIBILITY_TIMEOUT_S": "4", "LEASE_RENEW_S": "1"}
-SLOW = {"prompt": "a long healthy render", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 200}
+LEASE = {"VISIBILITY_TIMEOUT_S": "4", "LEASE_RENEW_S": "1", **PACED}
+# 150 steps paced to at least 0.1 s each: a render of 15 s or more on any CPU.
+SLOW = {"prompt": "a long healthy render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 150}
 
 
 def renders_started(*workers) -> int:

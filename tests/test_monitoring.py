@@ -8,10 +8,10 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import free_port, wait_for
+from tests.support import PACED, free_port, wait_for
 
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 1}
-SLOW = {"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 30}
+SLOW = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 30}  # paced: 3 s or more
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -38,7 +38,7 @@ def started(result) -> bool:
 
 def test_metrics_endpoint_counts_renders_by_outcome_stage_and_queue_depth(start_worker, producer):
     port = free_port()
-    start_worker(METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1")
+    start_worker(METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1", **PACED)
     before = scrape(port)
     assert value(before, "renderfarm_renders_total", outcome="success") == 0
     assert value(before, "renderfarm_queue_depth", queue="render") == 0
@@ -156,7 +156,7 @@ def test_cancelled_renders_are_counted_once_each(start_worker, producer):
     from tasks.cancel import cancel
 
     port = free_port()
-    start_worker(METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1")
+    start_worker(METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1", **PACED)
     running = send(producer, prompt="cancel me while running", seed=1, **SLOW)
     queued = send(producer, prompt="cancel me while queued", seed=2, **SLOW)
     wait_for(lambda: running.state == "PROGRESS" and (running.info or {}).get("step", 0) >= 1, 120, "denoising")

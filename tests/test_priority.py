@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import ROOT, wait_for
+from tests.support import PACED, ROOT, wait_for
 
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 1}
-SLOW = {"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 30}
+SLOW = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 30}  # paced: 3 s or more
 
 
 def send(producer, priority: int | None, **kwargs):
@@ -17,7 +17,7 @@ def send(producer, priority: int | None, **kwargs):
 
 
 def test_a_busy_worker_takes_high_before_normal_before_low(start_worker, producer):
-    start_worker()
+    start_worker(**PACED)
     slow = send(producer, 3, prompt="keeps the worker busy", **SLOW)
     wait_for(lambda: slow.state in ("STARTED", "PROGRESS"), 60, "the slow render to start")
     # Sent in the worst order: low first, high last.

@@ -10,9 +10,10 @@ import psutil
 import pytest
 from celery import Celery
 
-from tests.support import wait_for
+from tests.support import PACED, wait_for
 
-SLOW = {"prompt": "a slow render", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 40, "seed": 11}
+# Workers that must catch a render mid-way are started with PACED: 40 steps of at least 0.1 s each.
+SLOW = {"prompt": "a slow render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40, "seed": 11}
 
 
 def wait_for_denoising(result, timeout: float = 120) -> None:
@@ -46,7 +47,7 @@ def test_invalid_settings_stop_the_worker_with_the_variable_named(start_worker):
 def test_pool_child_killed_mid_render_is_replaced_and_the_task_completes_once(
     start_worker, producer: Celery, s3, bucket
 ):
-    worker = start_worker()
+    worker = start_worker(**PACED)
     first_child = worker.pool_children()[0].pid
     result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
     wait_for_denoising(result)
@@ -61,7 +62,7 @@ def test_pool_child_killed_mid_render_is_replaced_and_the_task_completes_once(
 
 
 def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(start_worker, producer: Celery):
-    worker = start_worker(MAX_DELIVERIES="2")
+    worker = start_worker(MAX_DELIVERIES="2", **PACED)
     poison = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
     for delivery in range(2):
         wait_for_denoising(poison)
@@ -78,7 +79,7 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(st
 
 
 def test_soft_time_limit_stops_the_render_with_a_clear_error(start_worker, producer: Celery, s3, bucket):
-    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="1", RENDER_TIME_LIMIT_S="60")
+    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="1", RENDER_TIME_LIMIT_S="60", **PACED)
     child = worker.pool_children()[0].pid
     slow = producer.send_task("tasks.render", kwargs={**SLOW, "num_inference_steps": 200}, queue="render")
     with pytest.raises(Exception, match=r"ran past the soft time limit of 1s \(RENDER_SOFT_TIME_LIMIT_S\)") as info:
@@ -111,7 +112,7 @@ def test_out_of_memory_is_retried_once_then_fails_naming_the_size(start_worker, 
 
 
 def test_hard_time_limit_replaces_a_hung_pool_process(start_worker, producer: Celery):
-    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="3", RENDER_TIME_LIMIT_S="6")
+    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="3", RENDER_TIME_LIMIT_S="6", **PACED)
     hung = worker.pool_children()[0]
     result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
     wait_for_denoising(result)
