@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -30,7 +32,7 @@ from tasks.keys import RenderSpec, object_key, resolve
 from tasks.memory import PeakMemory, release_freed_memory
 from tasks.oom import with_one_oom_retry
 from tasks.progress import StageClock
-from tasks.schemas import Limits, RenderResult, parse_request
+from tasks.schemas import Limits, RenderRequest, RenderResult, parse_request
 from tasks.spool import Spool, SpooledVideo
 from tasks.storage import StoredVideo, VideoStore
 from worker_config.events import render_stored
@@ -102,10 +104,15 @@ def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict
     request = parse_request(kwargs)
     spec = resolve(request, get_settings().MODEL_ID, task.request.id or "local", task.limits)
     key = object_key(spec)
-    _admit(task)
-    log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
-             spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
+    with _delivery(task):
+        log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
+                 spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
+        return _render_admitted(task, clock, request, spec, key)
 
+
+def _render_admitted(
+    task: RenderTask, clock: StageClock, request: RenderRequest, spec: RenderSpec, key: str
+) -> dict[str, Any]:
     clock.enter("checking_cache")
     if not request.force and (hit := _find_stored(task, key)) is not None:
         log.info("served from storage: %s", key)
@@ -225,9 +232,24 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
     return task.spool.commit(key, metadata)
 
 
-def _admit(task: RenderTask) -> None:
+@contextmanager
+def _delivery(task: RenderTask) -> Iterator[None]:
+    """Count this delivery while it runs (see ``_admit``). A delivery that ends in this process,
+    however it ends, is not one its worker died in: its count is cleared, so only deaths add up
+    and a producer may send the same request again under the same task id."""
+    name = _admit(task)
+    try:
+        yield
+    finally:
+        try:
+            task.backend.client.delete(name)
+        except Exception as exc:  # noqa: BLE001 - the count expires on its own; never mask the outcome
+            log.debug("could not clear the delivery count %s: %s", name, exc)
+
+
+def _admit(task: RenderTask) -> str:
     """One round trip: stop if the task was cancelled; count this delivery and fail for good once
-    its worker died during too many of them."""
+    its worker died during too many of them. Returns the counter's key."""
     settings = get_settings()
     limit = settings.MAX_DELIVERIES
     name = f"renderfarm:deliveries:{task.request.id}:{task.request.retries}"
@@ -243,6 +265,7 @@ def _admit(task: RenderTask) -> None:
             f"the previous {count - 1} (crash, out-of-memory kill or lost node); giving up after "
             f"MAX_DELIVERIES={limit}. Check the worker logs for the cause."
         )
+    return name
 
 
 def _result(task: RenderTask, video: StoredVideo, clock: StageClock, cached: bool) -> dict[str, Any]:
