@@ -71,8 +71,9 @@ def release_freed_memory(every_mb: float = 64.0) -> bool:
     fragmented, and without trimming a long-running worker's resident set grew by about one
     video's frames per render (measured: ~630 KiB per 64x64x9 render; see docs/benchmarks.md).
     Trimming after every render costs 5-20 ms (the trim, then page faults as the next render
-    takes the memory back), so it runs only once the resident set is ``every_mb`` above what it
-    was after the last trim: the growth is bounded, the cost amortised. Returns whether it trimmed.
+    takes the memory back), so it runs only once the resident set is ``every_mb`` above its level
+    after the first render since the last trim: the growth is bounded, the cost amortised.
+    Returns whether it trimmed.
     A no-op where the C library has no ``malloc_trim``.
     """
     global _LIBC, _RSS_AFTER_TRIM
@@ -90,5 +91,7 @@ def release_freed_memory(every_mb: float = 64.0) -> bool:
     if trim is None:
         return False
     trim(0)
-    _RSS_AFTER_TRIM = rss_mb()
+    # The next render takes back its working set; measure the margin from there, not from the
+    # trough right after the trim (that would trim again after almost every render).
+    _RSS_AFTER_TRIM = None
     return True
