@@ -83,6 +83,7 @@ def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         return _render(self, clock, kwargs)
     except RenderCancelled:
+        clock.close()  # every PROGRESS out before REVOKED is written
         reason = f"cancelled by request during stage {clock.stage!r}"
         log.info("%s; the model stays loaded", reason)
         self.backend.mark_as_revoked(self.request.id, reason=reason, request=self.request)
@@ -93,6 +94,8 @@ def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
             f"render stopped: it ran past the soft time limit of {limit}s (RENDER_SOFT_TIME_LIMIT_S) "
             f"during stage {clock.stage!r}; ask for fewer frames, steps or pixels"
         ) from None
+    finally:
+        clock.close()  # every PROGRESS out before Celery writes the final state
 
 
 class RenderCancelled(Exception):
@@ -159,6 +162,7 @@ def _hand_over_upload(task: RenderTask, clock: StageClock, key: str, video: Spoo
         render_stored.send(sender=task, task_id=request.id, kwargs=request.kwargs, result=result)
         log.info("uploaded %s in %.2fs (background)", key, seconds)
 
+    clock.close()  # every PROGRESS out before the background upload writes SUCCESS
     UPLOADER.submit(upload)
     log.info("rendered in %.2fs; upload of %s handed to the background", result["timings"]["total"], key)
 
