@@ -1,6 +1,8 @@
 """Throughput and overhead, side by side, on the same requests: ``make bench`` (or ``python -m bench.throughput``).
 
-Systems compared at each render size (N renders each, submitted at once, wall time to the last):
+Systems compared at each render size (N renders each, submitted at once, wall time to the last;
+the four run in turn, ``--rounds`` times, and each system's median round is reported, so a slow
+minute of this shared machine does not land on one system only):
   direct  - the engine called in a plain loop in this process, then encode + upload (zero queue)
   queue   - this system, WORKER_MODE=queue, one real worker
   buffer  - this system, WORKER_MODE=buffer, one real worker
@@ -8,6 +10,12 @@ Systems compared at each render size (N renders each, submitted at once, wall ti
 Also: Celery's raw no-op round trip, the idle round-trip overhead of a render (end to end minus
 the worker's own stage timings), cold start, cache-hit latency, and queue vs buffer with slow
 uploads. Figures are printed and written to docs/benchmarks.md (+ a PNG plot).
+
+torch runs on ``--threads`` CPU threads (default 1) in this process and in the workers: the
+render gets one core, as a GPU would be a device of its own, and the other core runs what the
+queue adds (Redis, Celery's main process, the producer, the S3 endpoint). With torch on every
+core those compete with the render for the CPU, which a GPU worker does not have; ``--threads 2``
+measures that case.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +33,11 @@ from bench.stack import local_stack, machine, pct, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [  # name, request, renders per system
-    ("64x64x9, 4 steps", {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4}, 24),
+    ("64x64x9, 4 steps", {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4}, 40),
     ("128x128x17, 6 steps", {"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 6}, 10),
     ("256x256x33, 4 steps", {"height": 256, "width": 256, "num_frames": 33, "num_inference_steps": 4}, 4),
 ]
+SYSTEMS = ("direct", "queue", "buffer", "naive")
 _seeds = itertools.count(1000)
 
 
@@ -99,12 +110,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer renders (a smoke run; figures are noisier)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four systems per size (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in the workers")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported, here and in every worker
     sizes = [(name, req, max(2, n // 4) if args.quick else n) for name, req, n in SIZES]
     report: dict[str, Any] = {
         "machine": machine(),
         "sizes": [],
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "threads": args.threads,
+        "rounds": args.rounds,
     }
 
     with local_stack() as stack:
@@ -145,18 +161,22 @@ def main() -> None:
         print(f"celery no-op round trip p50 {pct(noop_rt, 50) * 1000:.1f} ms, p95 {pct(noop_rt, 95) * 1000:.1f} ms")
 
         for name, request, n in sizes:
-            row: dict[str, Any] = {"size": name, "n": n}
-            row["direct"] = run_direct(request, n)
-            row["queue"], _ = run_queue(request, n)
-            queue_worker.stop()
-            buffer_worker = stack.worker("buffer", WORKER_MODE="buffer")
-            row["buffer"], _ = run_queue(request, n)
-            buffer_worker.stop()
-            queue_worker = stack.worker("queue", WORKER_MODE="queue")
-            row["naive"] = run_naive(request, n)
+            rounds: dict[str, list[float]] = {k: [] for k in SYSTEMS}
+            for _ in range(args.rounds):
+                rounds["direct"].append(run_direct(request, n))
+                rounds["queue"].append(run_queue(request, n)[0])
+                queue_worker.stop()
+                buffer_worker = stack.worker("buffer", WORKER_MODE="buffer")
+                rounds["buffer"].append(run_queue(request, n)[0])
+                buffer_worker.stop()
+                queue_worker = stack.worker("queue", WORKER_MODE="queue")
+                rounds["naive"].append(run_naive(request, n))
+                print(f"  {name} round: " + ", ".join(f"{k} {rounds[k][-1]:.2f}s" for k in SYSTEMS))
+            row: dict[str, Any] = {"size": name, "n": n, "rounds": rounds}
+            row.update({k: statistics.median(v) for k, v in rounds.items()})
             report["sizes"].append(row)
-            print(f"{name}: " + ", ".join(f"{k} {row[k]:.2f}s ({n / row[k] * 60:.1f}/min)"
-                                          for k in ("direct", "queue", "buffer", "naive")))  # fmt: skip
+            print(f"{name} (median of {args.rounds}): " + ", ".join(f"{k} {row[k]:.2f}s ({n / row[k] * 60:.1f}/min)"
+                                                                   for k in SYSTEMS))  # fmt: skip
         baseline.stop()
 
         # Slow uploads: queue vs buffer behind a throttled S3 endpoint (every PUT held 0.5 s).
@@ -194,7 +214,7 @@ def write_docs(report: dict[str, Any]) -> None:
 
     sizes = report["sizes"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for system in ("direct", "queue", "buffer", "naive"):
+    for system in SYSTEMS:
         ax.plot([r["size"] for r in sizes], [r["n"] / r[system] * 60 for r in sizes], marker="o", label=system)
     ax.set_yscale("log")
     ax.set_ylabel("renders per minute (log)")
@@ -208,13 +228,15 @@ def write_docs(report: dict[str, Any]) -> None:
     lines = [
         f"Measured {report['when']} by `make bench` (`python -m bench.throughput`): {m['cpu']}, {m['cores']} cores, "
         f"Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}, Celery {m['celery']}, "
-        f"redis-server {m['redis_server']}, moto's S3 server on loopback. tiny-wan on the CPU; a shared, noisy machine.",
+        f"redis-server {m['redis_server']}, moto's S3 server on loopback. tiny-wan on the CPU; a shared, noisy machine. "
+        f"torch on {report.get('threads', 'all')} thread(s) in every process; each figure is the median of "
+        f"{report.get('rounds', 1)} rounds of the four systems in turn.",
         "",
         "| render size | N | direct | queue mode | buffer mode | naive worker | queue / direct | buffer / direct |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sizes:
-        per_min = {k: r["n"] / r[k] * 60 for k in ("direct", "queue", "buffer", "naive")}
+        per_min = {k: r["n"] / r[k] * 60 for k in SYSTEMS}
         lines.append(
             f"| {r['size']} | {r['n']} | {per_min['direct']:.1f}/min ({r['direct'] / r['n']:.2f} s each) | "
             f"{per_min['queue']:.1f}/min | {per_min['buffer']:.1f}/min | {per_min['naive']:.1f}/min | "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Any
@@ -42,8 +41,8 @@ class StageClock:
     def progress(self, stage: str, step: int | None, steps: int | None) -> None:
         """The engine's progress callback: a new stage, or the next step within the current one.
 
-        Steps within a stage are published at most every ``MIN_STEP_INTERVAL_S`` (the last one
-        always), so millisecond steps do not cost a Redis write each.
+        Steps within a stage are handed to the publisher at most every ``MIN_STEP_INTERVAL_S``
+        (the last one always); it sends the latest update at most that often.
         """
         if stage != self.stage:
             self.enter(stage, step, steps)
@@ -60,7 +59,7 @@ class StageClock:
         return {name: round(seconds, 4) for name, seconds in out.items()}
 
     def close(self) -> None:
-        """Wait until every update of this render is sent: call before its final state is written."""
+        """Send this render's last pending update and wait for it: call before its final state is written."""
         PUBLISHER.drain()
 
     def _publish(self, step: int | None, steps: int | None) -> None:
@@ -76,57 +75,92 @@ class StageClock:
 class ProgressPublisher:
     """Writes ``PROGRESS`` states and sends ``task-progress`` events from one thread per process.
 
-    Each update is a state write and an event (two Redis round trips, about 1 ms together on
-    loopback, more over a network); made inline they paused the render about eight times per
-    video. The render's thread now only queues them; this thread sends them in order, and
-    ``drain()`` waits until all are out. The task drains before its final state (SUCCESS,
-    FAILURE, REVOKED, RETRY) is written, so a late ``PROGRESS`` never overwrites it.
+    Each update costs three Redis round trips (Celery reads the state before writing it, then the
+    event) and Python work that competes with the render for the interpreter; made inline they
+    paused the render about eight times per video. The render's thread now only hands over its
+    latest update. This thread sends it, at most one update per ``min_interval_s`` per render
+    (the latest wins; a render's first update goes out at once); what is superseded within that
+    interval was never visible to anyone polling anyway. ``drain()`` sends the last pending
+    update and returns once it is out: the task drains before its final state (SUCCESS, FAILURE,
+    REVOKED, RETRY) is written, so a late ``PROGRESS`` never overwrites it.
     """
 
-    def __init__(self, drain_timeout_s: float = 30.0) -> None:
-        self._queue: queue.Queue[tuple[Any, Any, dict[str, Any]]] = queue.Queue()
+    def __init__(self, min_interval_s: float = MIN_STEP_INTERVAL_S, drain_timeout_s: float = 30.0) -> None:
+        self._interval = min_interval_s
+        self._drain_timeout_s = drain_timeout_s
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        self._drain_timeout_s = drain_timeout_s
+        self._cond = threading.Condition()
+        self._pending: tuple[Any, Any, dict[str, Any]] | None = None
+        self._busy = self._flush = False
+        self._last: tuple[str | None, float] = (None, 0.0)  # (task id, when its last update was sent)
 
     def submit(self, task: Any, request: Any, meta: dict[str, Any]) -> None:
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._start()
-        self._queue.put((task, request, meta))
+        with self._cond:
+            self._pending = (task, request, meta)
+            self._cond.notify_all()
 
     def drain(self) -> None:
-        """Block until every submitted update is sent (or ``drain_timeout_s`` passed)."""
+        """Send the last pending update now; block until nothing is pending or being sent."""
         if self._thread is None or self._pid != os.getpid():
             return
-        done = threading.Event()
-        self._queue.put((None, done, {}))
-        if not done.wait(self._drain_timeout_s):
+        with self._cond:
+            self._flush = True
+            self._cond.notify_all()
+            done = self._cond.wait_for(lambda: self._pending is None and not self._busy, self._drain_timeout_s)
+            self._flush = False
+        if not done:
             log.warning("progress updates still unsent after %.0fs (is Redis reachable?)", self._drain_timeout_s)
 
     def _start(self) -> None:
-        self._queue = queue.Queue()  # after a fork the parent's queue and thread are not ours
+        # Created here, in the process that publishes: after a fork the parent's are not ours.
+        self._cond = threading.Condition()
+        self._pending = None
+        self._busy = self._flush = False
+        self._last = (None, 0.0)
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="progress-publisher", daemon=True)
         self._thread.start()
 
+    def _wait_for_next(self) -> tuple[Any, Any, dict[str, Any]]:
+        with self._cond:
+            while True:
+                if self._pending is not None:
+                    last_id, sent_at = self._last
+                    wait = sent_at + self._interval - time.monotonic()
+                    if self._flush or last_id != self._pending[1].id or wait <= 0:
+                        item, self._pending, self._busy = self._pending, None, True
+                        return item
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait()
+
     def _run(self) -> None:
         while True:
-            task, request, meta = self._queue.get()
-            if task is None:
-                request.set()  # a drain marker: everything before it is sent
-                continue
+            task, request, meta = self._wait_for_next()
             try:
-                task.backend.store_result(request.id, meta, PROGRESS, request=request)
-            except Exception as exc:  # noqa: BLE001 - progress must never fail a render
-                log.warning("could not write the progress of %s: %s", request.id, exc)
-            if task.app.conf.worker_send_task_events:
-                # Monitors (Flower) only see events: a custom "task-progress" event puts the stage
-                # and step on the task there too.
-                try:
-                    with task.app.events.default_dispatcher(hostname=request.hostname) as dispatcher:
-                        dispatcher.send("task-progress", uuid=request.id, retry=False, **meta)
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("could not send a task-progress event: %s", exc)
+                self._send(task, request, meta)
+            finally:
+                with self._cond:
+                    self._busy, self._last = False, (request.id, time.monotonic())
+                    self._cond.notify_all()
+
+    @staticmethod
+    def _send(task: Any, request: Any, meta: dict[str, Any]) -> None:
+        try:
+            task.backend.store_result(request.id, meta, PROGRESS, request=request)
+        except Exception as exc:  # noqa: BLE001 - progress must never fail a render
+            log.warning("could not write the progress of %s: %s", request.id, exc)
+        if task.app.conf.worker_send_task_events:
+            # Monitors (Flower) only see events: a custom "task-progress" event puts the stage and
+            # step on the task there too.
+            try:
+                with task.app.events.default_dispatcher(hostname=request.hostname) as dispatcher:
+                    dispatcher.send("task-progress", uuid=request.id, retry=False, **meta)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("could not send a task-progress event: %s", exc)
 
 
 PUBLISHER = ProgressPublisher()

@@ -1,4 +1,4 @@
-"""The background progress publisher: updates leave in order, and drain() returns only once all are out."""
+"""The background progress publisher: latest update wins within the interval; drain() returns once it is out."""
 
 from __future__ import annotations
 
@@ -25,20 +25,41 @@ def fake_task(backend: SlowBackend) -> SimpleNamespace:
     return SimpleNamespace(backend=backend, app=SimpleNamespace(conf=conf))
 
 
-def test_updates_are_sent_in_order_off_the_render_thread_and_drain_waits_for_them():
-    backend = SlowBackend()
-    publisher = ProgressPublisher()
-    request = SimpleNamespace(id="task-1", hostname="w@h")
+def submit_steps(publisher: ProgressPublisher, backend: SlowBackend, task_id: str, steps: range) -> float:
+    """Hand over one update per step as fast as a render would; returns the seconds it took."""
+    request = SimpleNamespace(id=task_id, hostname="w@h")
     started = time.perf_counter()
-    for step in range(5):
-        publisher.submit(fake_task(backend), request, {"stage": "denoising", "step": step, "steps": 4})
-    queued_in = time.perf_counter() - started
+    for step in steps:
+        publisher.submit(fake_task(backend), request, {"stage": "denoising", "step": step, "steps": 9})
+    return time.perf_counter() - started
+
+
+def test_a_burst_of_updates_sends_the_first_and_the_latest_off_the_render_thread():
+    backend = SlowBackend()
+    publisher = ProgressPublisher(min_interval_s=0.1)
+    handed_over_in = submit_steps(publisher, backend, "task-1", range(5))
     publisher.drain()
 
-    assert queued_in < 0.02  # the render's thread did not wait for the five 20 ms writes
-    assert [w[1]["step"] for w in backend.writes] == [0, 1, 2, 3, 4]  # all of them, in order, before drain returned
+    assert handed_over_in < 0.02  # the render's thread never waited on a 20 ms write
+    # At most the first update (if the thread took it before the next one came) and the latest
+    # went out: the rest were superseded within the interval. drain() sent the latest and returned
+    # only once it was written.
+    steps = [w[1]["step"] for w in backend.writes]
+    assert steps in ([4], [0, 4])
     assert {w[2] for w in backend.writes} == {PROGRESS}
     assert {w[3] for w in backend.writes} == {"progress-publisher"}
+
+
+def test_a_pending_update_goes_out_once_the_interval_has_passed_without_a_drain():
+    backend = SlowBackend()
+    publisher = ProgressPublisher(min_interval_s=0.1)
+    submit_steps(publisher, backend, "task-1", range(2))
+    time.sleep(0.4)  # a long stage: nothing else is handed over, no drain
+    assert [w[1]["step"] for w in backend.writes][-1] == 1
+    submit_steps(publisher, backend, "task-2", range(1))  # the next render's first update: not held back
+    time.sleep(0.08)
+    assert [(w[0], w[1]["step"]) for w in backend.writes][-1] == ("task-2", 0)
+    publisher.drain()
 
 
 def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
@@ -49,10 +70,11 @@ def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
             super().store_result(task_id, meta, state, request)
 
     backend = FlakyBackend()
-    publisher = ProgressPublisher()
+    publisher = ProgressPublisher(min_interval_s=0.0)
     request = SimpleNamespace(id="task-2", hostname="w@h")
     for step in range(3):
         publisher.submit(fake_task(backend), request, {"stage": "denoising", "step": step, "steps": 2})
+        time.sleep(0.05)  # each one sent before the next is handed over
     publisher.drain()
     assert [w[1]["step"] for w in backend.writes] == [0, 2]
     assert "could not write the progress of task-2: redis went away" in caplog.text

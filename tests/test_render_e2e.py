@@ -6,7 +6,9 @@ import pytest
 from celery import Celery
 from minio.error import S3Error
 
-from tests.support import download_verified
+from tests.support import PACED, download_verified
+
+STAGE_ORDER = ["validating", "checking_cache", "encoding_prompt", "denoising", "decoding", "encoding", "uploading"]
 
 RESULT_FIELDS = {
     "bucket", "key", "url", "size_bytes", "sha256", "width", "height", "num_frames", "fps", "seed",
@@ -71,7 +73,7 @@ def test_same_request_is_one_object_and_served_from_storage(start_worker, produc
 
 
 def test_progress_states_are_visible_to_the_producer(start_worker, producer: Celery, redis_server):
-    start_worker()
+    start_worker(**PACED)  # denoising steps of 0.1 s or more: long enough to be seen
     seen: list[dict] = []
     async_result = producer.send_task(
         "tasks.render",
@@ -85,8 +87,10 @@ def test_progress_states_are_visible_to_the_producer(start_worker, producer: Cel
             seen.append(meta["result"])
 
     async_result.get(timeout=120, on_message=on_message, propagate=True)
+    # At most one update per 0.1 s goes out, the latest winning: stages shorter than that may be
+    # superseded; what is seen is in order, the steps count up, and the last stage always arrives.
     stages = [m["stage"] for m in seen]
-    assert stages.index("validating") < stages.index("denoising") < stages.index("encoding") < stages.index("uploading")
+    assert stages == sorted(stages, key=STAGE_ORDER.index) and stages[-1] == "uploading"
     steps = [m["step"] for m in seen if m["stage"] == "denoising"]
-    assert steps[0] == 0 and steps[-1] == 6 and steps == sorted(set(steps))  # throttled, in order, complete
+    assert len(steps) >= 3 and steps == sorted(set(steps))
     assert all(m["steps"] == 6 for m in seen if m["stage"] == "denoising")
