@@ -238,17 +238,25 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
 
 @contextmanager
 def _delivery(task: RenderTask) -> Iterator[None]:
-    """Count this delivery while it runs (see ``_admit``). A delivery that ends in this process,
-    however it ends, is not one its worker died in: its count is cleared, so only deaths add up
-    and a producer may send the same request again under the same task id."""
+    """Count this delivery while it runs (see ``_admit``). A delivery that returns or raises an
+    ordinary exception in this process is not one its worker died in: its count is cleared, so
+    only deaths add up and a producer may send the same request again under the same task id.
+    ``SystemExit``/``KeyboardInterrupt`` (billiard turns SIGQUIT/SIGTERM into SystemExit, and
+    FastVideo's worker sends SIGQUIT when it fails) mean the process is dying: the count stays."""
     name = _admit(task)
     try:
         yield
-    finally:
-        try:
-            task.backend.client.delete(name)
-        except Exception as exc:  # noqa: BLE001 - the count expires on its own; never mask the outcome
-            log.debug("could not clear the delivery count %s: %s", name, exc)
+    except Exception:
+        _clear_delivery(task, name)
+        raise
+    _clear_delivery(task, name)
+
+
+def _clear_delivery(task: RenderTask, name: str) -> None:
+    try:
+        task.backend.client.delete(name)
+    except Exception as exc:  # noqa: BLE001 - the count expires on its own; never mask the outcome
+        log.debug("could not clear the delivery count %s: %s", name, exc)
 
 
 def _admit(task: RenderTask) -> str:
