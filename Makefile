@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory bench-memory-fastvideo
 
-# The FastVideo engine on CPU (issue 3): its own venv, torch 2.14.1 + fastvideo 0.2.1 --no-deps (~6.5 GB).
+# The FastVideo engine on CPU (issue 3): its own venv, torch 2.14.1 + fastvideo 0.2.1 --no-deps + ray 2.60.0 (~6.8 GB).
 FV_VENV ?= .venv-fastvideo
 FV_STAMP := $(FV_VENV)/.installed
 

@@ -29,10 +29,13 @@ pip_install() {
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 # 2. The project with its worker stack, test tools and FastVideo's import dependencies.
 "${PIP[@]}" -e "$ROOT[worker,dev,bench,fastvideo]"
-# 3. FastVideo without its own dependency pins (see constraints-fastvideo.txt).
+# 3. Ray, for DISTRIBUTED_EXECUTOR_BACKEND=ray and the ENGINE_FALLBACKS chain (tasks/engines/fastvideo_ray.py):
+#    fastvideo 0.2.1 asks for ray>=2.49.1. A 79 MB wheel (about 240 MB installed), with msgpack and protobuf.
+"${PIP[@]}" ray==2.60.0
+# 4. FastVideo without its own dependency pins (see constraints-fastvideo.txt).
 "${PIP[@]}" --no-deps fastvideo==0.2.1
 
-# 4. fastvideo 0.2.1's wheel also installs a top-level `tests` package (its kernel tests). It shadows
+# 5. fastvideo 0.2.1's wheel also installs a top-level `tests` package (its kernel tests). It shadows
 #    this project's tests/ (`from tests.support import ...` fails), so it goes.
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md, pathlib, shutil
@@ -47,7 +50,8 @@ PY
 # Fail here, not in a worker, if the stack does not import.
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
-import fastvideo, torch, torchvision  # noqa: F401
+import fastvideo, ray, torch, torchvision  # noqa: F401
 from fastvideo import VideoGenerator  # noqa: F401
-print(f"fastvideo {md.version('fastvideo')}, torch {torch.__version__}, torchvision {torchvision.__version__}: OK")
+print(f"fastvideo {md.version('fastvideo')}, ray {ray.__version__}, torch {torch.__version__}, "
+      f"torchvision {torchvision.__version__}: OK")
 PY

@@ -3,6 +3,7 @@
 - ``session_processes(worker)``: every live process in the worker's session (the worker is started
   with ``start_new_session=True``, so everything it ever spawned, orphans included, is counted
   unless it called ``setsid`` itself).
+- ``ray_processes(child)``: the private Ray instance a pool child started for FastVideo's Ray executor.
 - ``ShmWorker``: the same real worker command, run by ``unshare -m`` (root) with a fresh tmpfs on
   /dev/shm in a private mount namespace: read-only, or tiny. The host's /dev/shm is untouched.
 - ``build_poisoned_tiny_wan``: tiny-wan whose text encoder has an 8-token vocabulary: it loads, and
@@ -21,7 +22,10 @@ import psutil
 
 from tests.support import TestWorker, wait_for
 
-__all__ = ["session_processes", "fastvideo_workers", "ShmWorker", "build_poisoned_tiny_wan", "wait_gone", "can_unshare"]
+__all__ = [
+    "session_processes", "fastvideo_workers", "ray_processes", "ShmWorker", "build_poisoned_tiny_wan", "wait_gone",
+    "can_unshare",
+]  # fmt: skip
 
 
 def session_processes(session_id: int) -> list[psutil.Process]:
@@ -46,6 +50,23 @@ def fastvideo_workers(worker: TestWorker) -> list[psutil.Process]:
                     found.append(grandchild)
         except psutil.Error:
             continue
+    return found
+
+
+def ray_processes(pool_child: psutil.Process) -> list[psutil.Process]:
+    """The Ray instance a pool child started: its daemons (children) and the raylet's agents and workers."""
+    found = []
+    try:
+        descendants = pool_child.children(recursive=True)
+    except psutil.Error:
+        return []
+    for proc in descendants:
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if cmdline.startswith("ray::") or "/site-packages/ray/" in cmdline:
+            found.append(proc)
     return found
 
 

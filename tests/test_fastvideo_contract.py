@@ -95,3 +95,24 @@ def test_the_hooks_the_cpu_layer_and_the_worker_entry_patch_still_exist():
     import fastvideo.attention.backends.sdpa as sdpa
 
     assert hasattr(sdpa, "SDPABackend")
+
+
+def test_what_the_engines_ray_path_relies_on_still_holds():
+    ray = pytest.importorskip("ray", reason="ray is not installed: run scripts/install-fastvideo.sh")
+    from fastvideo.platforms.interface import Platform
+    from fastvideo.worker import ray_utils
+    from fastvideo.worker.ray_distributed_executor import RayDistributedExecutor
+
+    from tasks.engines import fastvideo_ray
+    from tasks.engines.fastvideo_cpu import RAY_DEVICE_KEY
+
+    # FastVideo skips its own ray.init when Ray is already up: the engine's instance is the one used.
+    assert "if ray.is_initialized():" in inspect.getsource(ray_utils.initialize_ray_cluster)
+    # On CPU the device key names an accelerator resource that Ray hands out ids for.
+    assert hasattr(Platform, "ray_device_key")
+    assert "get_accelerator_ids()[device_key]" in inspect.getsource(ray_utils.RayWorkerWrapper.get_node_and_gpu_ids)
+    assert RAY_DEVICE_KEY in ray._private.accelerators.get_all_accelerator_resource_names()
+    # 0.2.1's executor lacks exactly the two methods complete_executor() supplies.
+    fastvideo_ray.complete_executor()
+    assert not RayDistributedExecutor.__abstractmethods__
+    assert "worker_process_setup_hook" in inspect.signature(ray.runtime_env.RuntimeEnv).parameters

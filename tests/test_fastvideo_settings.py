@@ -90,3 +90,13 @@ def test_doctor_command_runs_the_checks_on_demand():
     assert out.returncode == 0, out.stderr
     assert "Multiprocessing OK: [2, 4, 6]" in out.stdout and "PyTorch: " in out.stdout and "/dev/shm: " in out.stdout
     assert "Verdict: OK" in out.stdout
+
+
+def test_ray_instance_declares_logical_gpus_only_without_an_accelerator():
+    from tasks.engines.fastvideo_ray import SETUP_HOOK, init_options
+
+    cpu, gpu = init_options(2, cpu=True), init_options(2, cpu=False)
+    assert cpu["num_gpus"] == 2 and "num_gpus" not in gpu  # with a GPU, Ray counts the real devices
+    for options in (cpu, gpu):
+        assert (options["address"], options["include_dashboard"], options["num_cpus"]) == ("local", False, 0)
+        assert options["runtime_env"] == {"worker_process_setup_hook": SETUP_HOOK}

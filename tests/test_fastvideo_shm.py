@@ -3,21 +3,34 @@
 Each worker runs under ``unshare -m`` with a fresh tmpfs on /dev/shm (read-only, or 1 MiB): the
 host's /dev/shm is untouched. ``ENGINE=fastvideo`` asks for FastVideo's mp executor, which cannot
 run there; the self-check must say why and what to set, then fall back in ``ENGINE_FALLBACKS``
-order or exit non-zero. These tests need root (for the mount) but not fastvideo itself: every
-path here ends before FastVideo would be imported, so they run in the main .venv too.
+order or exit non-zero. These tests need root (for the mount). All but one end before FastVideo
+would be imported, so they run in the main .venv too (where ray is not installed, and the chain
+says it skipped it); the fallback to FastVideo's Ray executor runs where fastvideo and ray are
+installed (.venv-fastvideo).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 from celery import Celery
 
 from tests.fastvideo_support import ShmWorker, can_unshare
+from tests.support import download_verified
 
 pytestmark = pytest.mark.skipif(not can_unshare(), reason="needs root and `unshare -m` (a private mount namespace)")
 
 READ_ONLY = "ro,size=64m"
 TINY = "size=1m"
+
+
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def fastvideo_installed() -> bool:
+    return importlib.util.find_spec("fastvideo") is not None
 
 
 @pytest.fixture
@@ -49,7 +62,9 @@ def test_read_only_shm_stops_the_worker_before_its_pool_starts_with_the_fix(shm_
 
 
 def test_tiny_shm_is_diagnosed_and_the_worker_falls_back_to_diffusers(shm_worker, producer: Celery):
-    worker = shm_worker(TINY, ENGINE="fastvideo", ENGINE_FALLBACKS="ray,diffusers", MIN_SHM_MB="512")
+    # Where ray is installed, "ray,diffusers" stops at ray (next test): the order given is honoured both ways.
+    fallbacks = "diffusers,ray" if ray_installed() else "ray,diffusers"
+    worker = shm_worker(TINY, ENGINE="fastvideo", ENGINE_FALLBACKS=fallbacks, MIN_SHM_MB="512")
     log = worker.log
     assert "Multiprocessing OK: [2, 4, 6]" in log  # the spawn pool inside the pool child: small locks fit
     assert "/dev/shm: FAILED: 1 MiB free, below MIN_SHM_MB=512" in log  # FastVideo's tensors would not
@@ -59,6 +74,25 @@ def test_tiny_shm_is_diagnosed_and_the_worker_falls_back_to_diffusers(shm_worker
     assert "engine loaded: engine=diffusers" in log
     result = producer.send_task("tasks.render", kwargs={"prompt": "still works"}, queue="render").get(timeout=120)
     assert result["engine"] == "diffusers"
+
+
+@pytest.mark.skipif(not (ray_installed() and fastvideo_installed()), reason="needs fastvideo and ray installed")
+@pytest.mark.timeout(600)
+def test_tiny_shm_falls_back_to_fastvideos_ray_executor_and_renders(shm_worker, producer: Celery, tmp_path):
+    worker = shm_worker(TINY, ENGINE="fastvideo", ENGINE_FALLBACKS="ray,diffusers", MIN_SHM_MB="512")
+    log = worker.log
+    assert "/dev/shm: FAILED: 1 MiB free, below MIN_SHM_MB=512" in log
+    assert "FastVideo's mp executor cannot run here; fallback to the Ray executor" in log and "--shm-size=8g" in log
+    assert "skipped" not in log
+    assert "Ray started in pid" in log and "engine loaded: engine=fastvideo" in log
+    assert "The object store is using /tmp/ray instead of /dev/shm" in log  # Ray's own fallback: slower, works
+    kwargs = {"prompt": "ray on a tiny /dev/shm", "height": 48, "width": 80, "num_frames": 13, "fps": 12}
+    result = producer.send_task("tasks.render", kwargs=kwargs, queue="render").get(timeout=180)
+    assert result["engine"] == "fastvideo"
+    stream = download_verified(result, tmp_path / "ray.mp4")
+    assert (stream["codec_name"], stream["width"], stream["height"], int(stream["nb_read_frames"])) == (
+        "h264", 80, 48, 13,
+    )  # fmt: skip
 
 
 def test_tiny_shm_without_fallbacks_exits_non_zero_with_the_fix(shm_worker, producer: Celery):
@@ -73,12 +107,6 @@ def test_tiny_shm_without_fallbacks_exits_non_zero_with_the_fix(shm_worker, prod
     assert "engine loaded" not in log
     assert "render tiny-wan:" not in log  # the task never started (the main process may have prefetched it)
     assert queued.state == "PENDING"  # it never took the task
-
-
-def ray_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("ray") is not None
 
 
 @pytest.mark.skipif(ray_installed(), reason="checks the chain past a missing ray package")

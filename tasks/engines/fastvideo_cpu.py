@@ -1,7 +1,7 @@
 """FastVideo 0.2.1 without an accelerator: the CPU-compatibility layer (tests, demos, tiny-wan).
 
 FastVideo has a ``CpuPlatform`` but three gaps stop a render on a machine with no GPU
-(FIELD_NOTES.md). This module closes them, and nothing else:
+(FIELD_NOTES.md), and a fourth stops its Ray executor. This module closes them, and nothing else:
 
 1. ``fastvideo.distributed.parallel_state.get_local_torch_device`` maps every platform that is
    not CUDA/NPU to ``"mps"``. Many modules bind that function by name at import time, so it is
@@ -12,6 +12,10 @@ FastVideo has a ``CpuPlatform`` but three gaps stop a render on a machine with n
 3. ``pipelines/stages/denoising.py`` hard-codes ``target_dtype = torch.bfloat16`` and casts the
    transformer's inputs to it. That module alone gets a view of ``torch`` whose ``bfloat16`` is
    ``float32``; with fp32 weights (``CPU_LOAD_OPTIONS``) autocast is then off by FastVideo's own rule.
+4. ``CpuPlatform.ray_device_key`` is ``""``, and FastVideo's Ray executor refuses such a platform
+   ("does not support ray"). It becomes ``"GPU"`` (``RAY_DEVICE_KEY``): the resource of FastVideo's
+   placement-group bundles and actors, which the engine declares as logical slots when it starts Ray
+   on a CPU (``tasks.engines.fastvideo_ray``). Only Ray's scheduler reads the key.
 
 It also supplies the load options a CPU needs (``CPU_LOAD_OPTIONS``: fp32 precisions, no CPU
 offload or pinned memory, autocast off), under FastVideo's own option names.
@@ -21,8 +25,9 @@ interpreter that imports fastvideo from scratch, so patches made here in the poo
 carry over. ``tasks.engines.fastvideo_worker`` replaces the executor's worker entry point with
 its own (pickled by reference, so the spawned child imports this project); that entry applies
 ``apply()`` in the child when ``RENDERFARM_FASTVIDEO_CPU=1`` is in its environment, which
-``FastVideoEngine`` sets only when ``accelerator_present()`` is false. On a GPU machine nothing in
-this module runs.
+``FastVideoEngine`` sets only when ``accelerator_present()`` is false. Ray's worker processes
+(FastVideo's Ray actors) inherit that variable and apply the layer in Ray's setup hook
+(``tasks.engines.fastvideo_ray.setup_worker``). On a GPU machine nothing in this module runs.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ CPU_LOAD_OPTIONS: dict[str, Any] = {
 }
 
 _SDPA_BACKEND = "fastvideo.attention.backends.sdpa.SDPABackend"
+# The Ray resource FastVideo's placement group asks for, one per worker; on CPU the engine declares that
+# many logical slots with ray.init(num_gpus=...) (tasks.engines.fastvideo_ray).
+RAY_DEVICE_KEY = "GPU"
 _applied = False
 
 
@@ -82,6 +90,7 @@ def apply() -> None:
     _local_device_is_cpu()
     _cpu_platform_has_sdpa()
     _denoising_runs_in_fp32()
+    _cpu_platform_has_a_ray_device_key()
     _applied = True
     os.environ[CPU_ENV] = "1"
     log.info("FastVideo CPU-compatibility layer applied in pid %d", os.getpid())
@@ -119,6 +128,12 @@ class _TorchWithFp32Bfloat16(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_torch"], name)
+
+
+def _cpu_platform_has_a_ray_device_key() -> None:
+    from fastvideo.platforms.cpu import CpuPlatform
+
+    CpuPlatform.ray_device_key = RAY_DEVICE_KEY
 
 
 def _denoising_runs_in_fp32() -> None:

@@ -8,7 +8,12 @@
   result: FastVideo renames on collision (``_1.mp4``). The MP4 is written in a private directory
   inside ``SPOOL_DIR`` so the task can move it into the spool with an atomic rename.
 - Without an accelerator, ``tasks.engines.fastvideo_cpu`` closes FastVideo 0.2.1's CPU gaps in
-  this process and (via ``tasks.engines.fastvideo_worker``) in FastVideo's spawned worker.
+  this process and in FastVideo's workers: the mp executor's spawned worker (via
+  ``tasks.engines.fastvideo_worker``) or the Ray executor's actors.
+- With ``DISTRIBUTED_EXECUTOR_BACKEND=ray`` the engine owns the Ray instance
+  (``tasks.engines.fastvideo_ray``): started before the generator, its placement group released
+  after each generator shutdown, shut down in ``close()``. A failure in a Ray actor reaches
+  ``generate`` as an exception (no SIGQUIT on this path): the generator is rebuilt and the error raised.
 - Progress: FastVideo 0.2.1's mp worker reports no per-step progress to its owner, so the task
   sees ``encoding_prompt``, then ``denoising`` at step 0 and at the last step.
 - A render interrupted while FastVideo's worker was busy (soft time limit) leaves the executor's
@@ -112,7 +117,7 @@ class FastVideoEngine:
         # (this engine's and the lifecycle's own lines included). Celery owns logging here; the
         # spawned worker sets up its own (tasks.engines.fastvideo_worker).
         os.environ.setdefault("FASTVIDEO_CONFIGURE_LOGGING", "0")
-        from tasks.engines import fastvideo_cpu, fastvideo_worker
+        from tasks.engines import fastvideo_cpu, fastvideo_ray, fastvideo_worker
 
         self.model_id = settings.MODEL_ID
         self._settings = settings
@@ -126,7 +131,15 @@ class FastVideoEngine:
         self._out = _private_output_dir(Path(settings.SPOOL_DIR))
         self._generator: Any = None
         self._sigquit_wrapped = False
-        self.from_pretrained_seconds = self._load()
+        self._ray = settings.DISTRIBUTED_EXECUTOR_BACKEND == "ray"
+        if self._ray:
+            fastvideo_ray.start(settings.NUM_GPUS, cpu)
+        try:
+            self.from_pretrained_seconds = self._load()
+        except BaseException:
+            if self._ray:  # the process exits next (lifecycle): end Ray cleanly first
+                fastvideo_ray.stop()
+            raise
 
     def _load(self) -> float:
         from fastvideo import VideoGenerator
@@ -144,7 +157,8 @@ class FastVideoEngine:
     def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput:
         if self._generator is None:
             raise EngineNotReady("the FastVideo engine was used after it was closed")
-        self._explain_sigquit()
+        if not self._ray:  # only the mp executor's worker signals its owner
+            self._explain_sigquit()
         steps = spec["num_inference_steps"]
         request = generation_request(spec, self._out / f"{uuid.uuid4().hex}.mp4")
         progress("encoding_prompt", None, None)
@@ -211,7 +225,16 @@ class FastVideoEngine:
         if generator is not None:
             with contextlib.suppress(Exception):
                 generator.shutdown()
+        if self._ray:  # FastVideo's Ray executor keeps its placement group: free it for the next generator
+            from tasks.engines import fastvideo_ray
+
+            with contextlib.suppress(Exception):
+                fastvideo_ray.release_placement_groups()
 
     def close(self) -> None:
         self._shutdown()
+        if self._ray:
+            from tasks.engines import fastvideo_ray
+
+            fastvideo_ray.stop()
         shutil.rmtree(self._out, ignore_errors=True)

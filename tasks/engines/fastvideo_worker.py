@@ -15,7 +15,8 @@ interpreter imports this module and runs it. In the spawned worker it:
    the pool child, which dies; Celery replaces it and the task is redelivered (``MAX_DELIVERIES``).
 
 Only the mp executor is covered: with ``DISTRIBUTED_EXECUTOR_BACKEND=ray`` Ray starts FastVideo's
-workers itself (no PR_SET_PDEATHSIG from here, no CPU layer; Ray is GPU-only in this project).
+workers itself, and ``tasks.engines.fastvideo_ray`` does the same three things there (fate-sharing
+is Ray's own; logging and the CPU layer in Ray's worker setup hook).
 """
 
 from __future__ import annotations

@@ -1,0 +1,120 @@
+"""FastVideo's Ray executor (``DISTRIBUTED_EXECUTOR_BACKEND=ray``) on CPU, on tiny-wan, in real prefork workers.
+
+The pool child owns a private Ray instance (``tasks.engines.fastvideo_ray``): Ray's daemons are its
+children, FastVideo's actor is the raylet's child. Run in .venv-fastvideo (fastvideo and ray installed):
+
+    make test-fastvideo      # .venv-fastvideo/bin/python -m pytest tests/test_fastvideo*.py
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from celery import Celery
+
+from tests.fastvideo_support import ray_processes, session_processes, wait_gone
+from tests.support import download_verified, wait_for
+
+pytest.importorskip("fastvideo", reason="fastvideo is not installed: run scripts/install-fastvideo.sh")
+pytest.importorskip("ray", reason="ray is not installed: run scripts/install-fastvideo.sh")
+
+pytestmark = pytest.mark.timeout(600)
+
+RAY = {"ENGINE": "fastvideo", "DISTRIBUTED_EXECUTOR_BACKEND": "ray"}
+SMALL = {"prompt": "a red fox running through snow", "height": 48, "width": 80, "num_frames": 13, "fps": 12, "seed": 3}
+SLOW = {"prompt": "a slow render", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 60, "seed": 11}
+
+
+def actors(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """FastVideo's Ray actors (``ray::RayWorkerWrapper``) among ``processes``."""
+    return [p for p in processes if _cmdline(p).startswith("ray::RayWorkerWrapper")]
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def test_render_through_the_queue_with_the_ray_executor_on_cpu(
+    start_worker, worker_env, producer: Celery, s3, bucket, tmp_path
+):
+    worker = start_worker(**RAY)
+    log = worker.log
+    assert "CUDA available: False" in log and "FastVideo CPU-compatibility layer applied" in log
+    assert "Ray started in pid" in log and "'GPU': 1.0" in log  # one logical GPU slot, declared on CPU
+    assert "engine loaded: engine=fastvideo" in log
+    [child] = worker.pool_children()
+    [actor] = actors(ray_processes(child))  # FastVideo's worker: one Ray actor per (logical) GPU
+
+    first = producer.send_task("tasks.render", kwargs=SMALL, queue="render").get(timeout=180)
+    second = producer.send_task("tasks.render", kwargs={**SMALL, "seed": 4}, queue="render").get(timeout=180)
+
+    assert first["engine"] == "fastvideo" and first["model"] == "tiny-wan" and first["cached"] is False
+    stream = download_verified(first, tmp_path / "video.mp4")  # size and sha256 match the result
+    assert stream["codec_name"] == "h264"
+    assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
+    assert stream["avg_frame_rate"] == "12/1"
+    # Loaded once; both renders ran in the same Ray actor, which applied the CPU layer itself.
+    assert first["worker_pid"] == second["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1
+    assert [p.pid for p in actors(ray_processes(child))] == [actor.pid]
+    assert f"[ray worker pid {actor.pid}] INFO renderfarm.fastvideo.cpu: FastVideo CPU-compatibility layer" in (
+        worker.log
+    )
+    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(
+        [first["key"], second["key"]]
+    )
+    assert list(Path(worker_env["SPOOL_DIR"]).rglob("*.mp4")) == []
+
+    # Warm shutdown: the engine shuts Ray down; nothing of the worker's session is left.
+    session = worker.proc.pid
+    assert worker.stop() == 0
+    wait_for(lambda: not session_processes(session), 30, "every process of the worker's session to end")
+    assert "Ray shut down in pid" in worker.log
+
+
+def test_pool_child_killed_mid_render_takes_its_ray_instance_along(start_worker, producer: Celery, s3, bucket):
+    worker = start_worker(**RAY)
+    session = worker.proc.pid
+    [child] = worker.pool_children()
+    old_ray = ray_processes(child)
+    [actor] = actors(old_ray)
+    daemons = [p for p in child.children() if p in old_ray]  # gcs_server, raylet, monitors: Ray's fate-sharing
+    result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
+    wait_for(lambda: result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising", 120, "denoising")
+    os.kill(child.pid, signal.SIGKILL)
+
+    wait_gone([actor.pid, *(p.pid for p in daemons)], timeout=15)
+    done = result.get(timeout=300)  # redelivered to the replacement child, which started its own Ray
+    assert done["worker_pid"] != child.pid and done["engine"] == "fastvideo"
+    assert worker.log.count("engine loaded") == 2
+    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    # Ray's two agents wait up to 60 s to report their raylet's death to the dead GCS, then exit.
+    wait_gone([p.pid for p in old_ray], timeout=120)
+    [new_child] = worker.pool_children()
+    assert len(actors(ray_processes(new_child))) == 1
+    descendants = {p.pid for p in worker.descendants()} | {worker.proc.pid}
+    assert [p for p in session_processes(session) if p.pid not in descendants] == []
+
+
+def test_soft_time_limit_rebuilds_the_generator_in_the_same_ray_instance(start_worker, producer: Celery):
+    worker = start_worker(RENDER_SOFT_TIME_LIMIT_S="5", RENDER_TIME_LIMIT_S="300", **RAY)
+    [child] = worker.pool_children()
+    [actor] = actors(ray_processes(child))
+    slow = {**SLOW, "height": 256, "width": 256, "num_frames": 65, "num_inference_steps": 200}
+    with pytest.raises(Exception, match="soft time limit of 5s") as info:
+        producer.send_task("tasks.render", kwargs=slow, queue="render").get(timeout=300)
+    assert type(info.value).__name__ == "RenderTimeout"
+    wait_gone([actor.pid], timeout=30)  # the busy actor was killed, not left rendering
+
+    # A fresh generator in the same Ray instance: the old placement group was released for it.
+    done = producer.send_task("tasks.render", kwargs=SMALL, queue="render").get(timeout=300)
+    assert done["engine"] == "fastvideo" and done["worker_pid"] == child.pid
+    assert worker.log.count("engine loaded") == 1 and "rebuilding the generator" in worker.log
+    assert worker.log.count("Ray started in pid") == 1
+    assert len(actors(ray_processes(child))) == 1
