@@ -22,6 +22,7 @@ __all__ = [
     "DeliveryLimitExceeded",
     "RenderTimeout",
     "RenderOutOfMemory",
+    "EngineWorkerLost",
 ]
 
 
@@ -59,3 +60,7 @@ class RenderTimeout(RenderError):
 
 class RenderOutOfMemory(RenderError):
     """The render ran out of memory twice (after freeing memory once); the message names its size."""
+
+
+class EngineWorkerLost(RenderError):
+    """The engine's own worker process died during the render twice in a row (it was rebuilt after each)."""

@@ -21,6 +21,7 @@ from tasks.cancel import CANCEL_KEY, CancelWatch
 from tasks.celery import app
 from tasks.errors import (
     DeliveryLimitExceeded,
+    EngineWorkerLost,
     InvalidRequest,
     RenderError,
     RenderOutOfMemory,
@@ -70,7 +71,7 @@ class RenderTask(Task):
     retry_backoff_max=120,
     retry_jitter=True,
     max_retries=_settings.STORAGE_MAX_RETRIES,
-    throws=(InvalidRequest, DeliveryLimitExceeded, RenderTimeout, RenderOutOfMemory),
+    throws=(InvalidRequest, DeliveryLimitExceeded, RenderTimeout, RenderOutOfMemory, EngineWorkerLost),
 )
 def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Render a video from a text prompt; return where the MP4 is (see ``RenderResult``)."""

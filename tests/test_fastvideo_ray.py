@@ -34,6 +34,17 @@ def actors(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if _cmdline(p).startswith("ray::RayWorkerWrapper")]
 
 
+def new_actor(child: psutil.Process, replacing: psutil.Process) -> psutil.Process:
+    """The actor that replaced ``replacing`` in the child's Ray instance (once the old one is gone)."""
+
+    def replaced() -> list[psutil.Process]:
+        now = actors(ray_processes(child))
+        return now if len(now) == 1 and now[0].pid != replacing.pid else []
+
+    wait_for(replaced, 60, "a new actor in place of the dead one")
+    return replaced()[0]
+
+
 def _cmdline(proc: psutil.Process) -> str:
     try:
         return " ".join(proc.cmdline())
@@ -118,3 +129,37 @@ def test_soft_time_limit_rebuilds_the_generator_in_the_same_ray_instance(start_w
     assert worker.log.count("engine loaded") == 1 and "rebuilding the generator" in worker.log
     assert worker.log.count("Ray started in pid") == 1
     assert len(actors(ray_processes(child))) == 1
+
+
+def test_a_dead_ray_worker_gets_one_more_try_then_a_clear_error_and_the_child_keeps_serving(
+    start_worker, producer: Celery, s3, bucket
+):
+    worker = start_worker(**RAY)
+    [child] = worker.pool_children()
+    [actor] = actors(ray_processes(child))
+
+    # Killed once (the kernel's out-of-memory killer, a crash): rebuilt, tried again, done once.
+    result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
+    wait_for(lambda: result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising", 120, "denoising")
+    os.kill(actor.pid, signal.SIGKILL)
+    done = result.get(timeout=300)
+    assert done["worker_pid"] == child.pid and done["engine"] == "fastvideo"
+    assert "FastVideo's Ray worker died during the render" in worker.log and "trying once more" in worker.log
+    assert worker.log.count("engine loaded") == 1  # the pool child kept its process and its Ray instance
+    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    second = new_actor(child, replacing=actor)
+
+    # Killed on the retry too: a clear, final error; no loop, no redelivery, the child serves on.
+    long = {**SLOW, "height": 256, "width": 256, "num_frames": 65, "num_inference_steps": 200, "seed": 12}
+    doomed = producer.send_task("tasks.render", kwargs=long, queue="render")
+    wait_for(lambda: doomed.state == "PROGRESS" and (doomed.info or {}).get("stage") == "denoising", 120, "denoising")
+    os.kill(second.pid, signal.SIGKILL)
+    wait_for(lambda: worker.log.count("trying once more") == 2, 120, "the second try")
+    os.kill(new_actor(child, replacing=second).pid, signal.SIGKILL)
+    with pytest.raises(Exception, match=r"Ray worker process died twice rendering 256x256 x 65 frames") as info:
+        doomed.get(timeout=300)
+    assert type(info.value).__name__ == "EngineWorkerLost"
+    assert "this worker keeps serving" in str(info.value)
+
+    after = producer.send_task("tasks.render", kwargs=SMALL, queue="render").get(timeout=300)
+    assert after["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1

@@ -13,7 +13,9 @@
 - With ``DISTRIBUTED_EXECUTOR_BACKEND=ray`` the engine owns the Ray instance
   (``tasks.engines.fastvideo_ray``): started before the generator, its placement group released
   after each generator shutdown, shut down in ``close()``. A failure in a Ray actor reaches
-  ``generate`` as an exception (no SIGQUIT on this path): the generator is rebuilt and the error raised.
+  ``generate`` as an exception (no SIGQUIT on this path): the generator is rebuilt and the error
+  raised. A Ray actor that *died* (kernel OOM kill, crash) gets one more try on the rebuilt
+  generator, then ``EngineWorkerLost``; the pool child keeps its model and keeps serving.
 - Progress: FastVideo 0.2.1's mp worker reports no per-step progress to its owner, so the task
   sees ``encoding_prompt``, then ``denoising`` at step 0 and at the last step.
 - A render interrupted while FastVideo's worker was busy (soft time limit) leaves the executor's
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
-from tasks.errors import EngineNotReady, RenderError
+from tasks.errors import EngineNotReady, EngineWorkerLost, RenderError
 from worker_config.settings import Settings
 
 __all__ = ["FastVideoEngine", "load_options", "generation_request", "LOAD_OPTION_NAMES", "REQUEST_SAMPLING_NAMES"]
@@ -165,10 +167,29 @@ class FastVideoEngine:
         progress("denoising", 0, steps)
         started = time.perf_counter()
         try:
-            result = self._generator.generate(request)
-        except Exception:  # SoftTimeLimitExceeded included; SystemExit is left alone
+            result = self._generate(request)
+        except Exception as exc:  # SoftTimeLimitExceeded included; SystemExit is left alone
             self._rebuild_after_interrupt()
-            raise
+            if not self._ray_worker_died(exc):
+                raise
+            log.warning("FastVideo's Ray worker died during the render (%s); trying once more on the rebuilt "
+                        "generator", exc)  # fmt: skip
+            try:
+                result = self._generate(request)
+            except Exception as again:
+                self._rebuild_after_interrupt()
+                if not self._ray_worker_died(again):
+                    raise
+                raise EngineWorkerLost(
+                    f"FastVideo's Ray worker process died twice rendering {spec['width']}x{spec['height']} x "
+                    f"{spec['num_frames']} frames ({steps} steps): killed by the kernel (out of memory?) or crashed "
+                    "(see the worker log). "
+                    + (
+                        "The generator was rebuilt; this worker keeps serving."
+                        if self._generator is not None
+                        else "Rebuilding the generator failed too."
+                    )
+                ) from None
         seconds = time.perf_counter() - started
         progress("denoising", steps, steps)
         if isinstance(result, list):  # one prompt in, one result out; a list means FastVideo fanned out
@@ -184,6 +205,20 @@ class FastVideoEngine:
                 "peak_memory_mb": result.peak_memory_mb,
             },
         )
+
+    def _generate(self, request: Any) -> Any:
+        if self._generator is None:  # a rebuild after a failure did not load
+            raise EngineNotReady("the FastVideo generator could not be rebuilt after a failure (see the worker log)")
+        return self._generator.generate(request)
+
+    def _ray_worker_died(self, exc: BaseException) -> bool:
+        """With the Ray executor, a dead actor (not an error raised in it) is worth one more try:
+        the mp executor's equivalent ends this child and Celery delivers the task again."""
+        if not self._ray:
+            return False
+        from tasks.engines import fastvideo_ray
+
+        return fastvideo_ray.worker_death(exc) is not None
 
     def _explain_sigquit(self) -> None:
         """Say in the log why this child is about to exit when FastVideo's worker fails mid-render.

@@ -45,6 +45,7 @@ from typing import Any
 
 __all__ = [
     "SETUP_HOOK", "init_options", "complete_executor", "start", "release_placement_groups", "stop", "setup_worker",
+    "worker_death",
 ]  # fmt: skip
 
 log = logging.getLogger("renderfarm.fastvideo.ray")
@@ -143,6 +144,27 @@ def release_placement_groups(timeout: float = 30.0) -> None:
             log.warning("Ray resources %s still held %.0fs after their placement groups went", sorted(held), timeout)
             return
         time.sleep(0.05)
+
+
+def worker_death(exc: BaseException) -> BaseException | None:
+    """The Ray actor death behind ``exc``, if that is what it is (else ``None``).
+
+    A Ray actor that dies (killed by the kernel's out-of-memory killer, a crash, a lost node) makes
+    ``ray.get`` raise ``RayActorError``; FastVideo 0.2.1 runs the forward pass in a thread and
+    re-raises its error as ``RuntimeError("Forward execution thread failed")`` from it, so the
+    chain is searched. An exception *raised* inside the actor arrives as ``RayTaskError``, not
+    this: the actor is alive and the request is at fault.
+    """
+    from ray.exceptions import RayActorError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, RayActorError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def stop() -> None:
