@@ -2,7 +2,7 @@
 
 - ``session_processes(worker)``: every live process in the worker's session (the worker is started
   with ``start_new_session=True``, so everything it ever spawned, orphans included, is counted
-  unless it called ``setsid`` itself).
+  unless it called ``setsid`` itself). ``stop_leaves_nothing(worker)``: warm shutdown, exit 0, none left.
 - ``ray_processes(child)``: the private Ray instance a pool child started for FastVideo's Ray executor.
 - ``ShmWorker``: the same real worker command, run by ``unshare -m`` (root) with a fresh tmpfs on
   /dev/shm in a private mount namespace: read-only, or tiny. The host's /dev/shm is untouched.
@@ -23,8 +23,8 @@ import psutil
 from tests.support import TestWorker, wait_for
 
 __all__ = [
-    "session_processes", "fastvideo_workers", "ray_processes", "ShmWorker", "build_poisoned_tiny_wan", "wait_gone",
-    "can_unshare",
+    "session_processes", "stop_leaves_nothing", "fastvideo_workers", "ray_processes", "ShmWorker",
+    "build_poisoned_tiny_wan", "wait_gone", "can_unshare",
 ]  # fmt: skip
 
 
@@ -37,6 +37,13 @@ def session_processes(session_id: int) -> list[psutil.Process]:
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
     return out
+
+
+def stop_leaves_nothing(worker: TestWorker) -> None:
+    """Warm shutdown: the worker exits 0 and no process of its session is left behind."""
+    session = worker.proc.pid
+    assert worker.stop() == 0
+    wait_for(lambda: not session_processes(session), 30, "every process of the worker's session to end")
 
 
 def fastvideo_workers(worker: TestWorker) -> list[psutil.Process]:

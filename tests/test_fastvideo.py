@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.fastvideo_support import build_poisoned_tiny_wan, fastvideo_workers, session_processes, wait_gone
+from tests.fastvideo_support import (
+    build_poisoned_tiny_wan,
+    fastvideo_workers,
+    session_processes,
+    stop_leaves_nothing,
+    wait_gone,
+)
 from tests.support import download_verified, wait_for
 
 try:
@@ -68,10 +74,7 @@ def test_render_through_the_queue_with_fastvideo_on_cpu(
     # FastVideo wrote the MP4 in its private directory; the task moved it out: nothing left behind.
     assert list(Path(worker_env["SPOOL_DIR"]).rglob("*.mp4")) == []
 
-    # Warm shutdown: the worker exits cleanly and leaves no process of its session behind.
-    session = worker.proc.pid
-    assert worker.stop() == 0
-    wait_for(lambda: not session_processes(session), 30, "every process of the worker's session to end")
+    stop_leaves_nothing(worker)
 
 
 def test_pool_child_killed_mid_render_takes_its_fastvideo_worker_along(start_worker, producer: Celery, s3, bucket):

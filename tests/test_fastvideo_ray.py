@@ -16,7 +16,7 @@ import psutil
 import pytest
 from celery import Celery
 
-from tests.fastvideo_support import ray_processes, session_processes, wait_gone
+from tests.fastvideo_support import ray_processes, session_processes, stop_leaves_nothing, wait_gone
 from tests.support import download_verified, wait_for
 
 pytest.importorskip("fastvideo", reason="fastvideo is not installed: run scripts/install-fastvideo.sh")
@@ -83,9 +83,7 @@ def test_render_through_the_queue_with_the_ray_executor_on_cpu(
     assert list(Path(worker_env["SPOOL_DIR"]).rglob("*.mp4")) == []
 
     # Warm shutdown: the engine shuts Ray down; nothing of the worker's session is left.
-    session = worker.proc.pid
-    assert worker.stop() == 0
-    wait_for(lambda: not session_processes(session), 30, "every process of the worker's session to end")
+    stop_leaves_nothing(worker)
     assert "Ray shut down in pid" in worker.log
 
 
