@@ -2,7 +2,8 @@
 
 A transient out-of-memory (fragmentation, another process's leftovers) often passes after the
 allocator's cache is emptied; a request that is simply too big fails again at once. So: exactly
-one retry, in the same process, and then ``RenderOutOfMemory`` naming the size that did not fit.
+one retry, in the same process, and then ``RenderOutOfMemory`` naming the size that did not fit
+(``tasks.second_try``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tasks.errors import RenderOutOfMemory
+from tasks.second_try import describe_size, with_one_more_try
 
 __all__ = ["is_out_of_memory", "free_memory", "with_one_oom_retry"]
 
@@ -49,24 +51,19 @@ def free_memory() -> None:
 
 def with_one_oom_retry(render: Callable[[], T], spec: dict[str, Any], device: str) -> T:
     """Run ``render``; on out-of-memory free memory and run it once more; then give up clearly."""
-    try:
-        return render()
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
+
+    def before_retry(exc: Exception) -> None:
         log.warning("out of memory on %s (%s); freeing memory and trying once more", device, _first_line(exc))
-    free_memory()
-    try:
-        return render()
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
         free_memory()
-        raise RenderOutOfMemory(
-            f"out of memory twice on {device} rendering {spec['width']}x{spec['height']} x {spec['num_frames']} "
-            f"frames ({spec['num_inference_steps']} steps): ask for fewer pixels or frames, or send it to a worker "
-            f"with more memory ({_first_line(exc)})"
-        ) from None
+
+    def give_up(exc: Exception) -> Exception:
+        free_memory()
+        return RenderOutOfMemory(
+            f"out of memory twice on {device} rendering {describe_size(spec)}: ask for fewer pixels or frames, "
+            f"or send it to a worker with more memory ({_first_line(exc)})"
+        )
+
+    return with_one_more_try(render, is_out_of_memory, before_retry, give_up)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -39,8 +39,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
+from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, resolve_model_path
 from tasks.errors import EngineNotReady, EngineWorkerLost, RenderError
+from tasks.second_try import describe_size, with_one_more_try
 from worker_config.settings import Settings
 
 __all__ = ["FastVideoEngine", "load_options", "generation_request", "LOAD_OPTION_NAMES", "REQUEST_SAMPLING_NAMES"]
@@ -119,7 +120,7 @@ class FastVideoEngine:
         # (this engine's and the lifecycle's own lines included). Celery owns logging here; the
         # spawned worker sets up its own (tasks.engines.fastvideo_worker).
         os.environ.setdefault("FASTVIDEO_CONFIGURE_LOGGING", "0")
-        from tasks.engines import fastvideo_cpu, fastvideo_ray, fastvideo_worker
+        from tasks.engines import fastvideo_cpu, fastvideo_worker
 
         self.model_id = settings.MODEL_ID
         self._settings = settings
@@ -166,30 +167,28 @@ class FastVideoEngine:
         progress("encoding_prompt", None, None)
         progress("denoising", 0, steps)
         started = time.perf_counter()
-        try:
-            result = self._generate(request)
-        except Exception as exc:  # SoftTimeLimitExceeded included; SystemExit is left alone
-            self._rebuild_after_interrupt()
-            if not self._ray_worker_died(exc):
+
+        def attempt() -> Any:
+            try:
+                return self._generate(request)
+            except Exception:  # SoftTimeLimitExceeded included; SystemExit is left alone
+                self._rebuild_after_interrupt()
                 raise
+
+        def before_retry(exc: Exception) -> None:
             log.warning("FastVideo's Ray worker died during the render (%s); trying once more on the rebuilt "
                         "generator", exc)  # fmt: skip
-            try:
-                result = self._generate(request)
-            except Exception as again:
-                self._rebuild_after_interrupt()
-                if not self._ray_worker_died(again):
-                    raise
-                raise EngineWorkerLost(
-                    f"FastVideo's Ray worker process died twice rendering {spec['width']}x{spec['height']} x "
-                    f"{spec['num_frames']} frames ({steps} steps): killed by the kernel (out of memory?) or crashed "
-                    "(see the worker log). "
-                    + (
-                        "The generator was rebuilt; this worker keeps serving."
-                        if self._generator is not None
-                        else "Rebuilding the generator failed too."
-                    )
-                ) from None
+
+        def give_up(exc: Exception) -> Exception:
+            rebuilt = self._generator is not None
+            return EngineWorkerLost(
+                f"FastVideo's Ray worker process died twice rendering {describe_size(spec)}: killed by the kernel "
+                "(out of memory?) or crashed (see the worker log). "
+                + ("The generator was rebuilt; this worker keeps serving." if rebuilt
+                   else "Rebuilding the generator failed too.")
+            )  # fmt: skip
+
+        result = with_one_more_try(attempt, self._ray_worker_died, before_retry, give_up)
         seconds = time.perf_counter() - started
         progress("denoising", steps, steps)
         if isinstance(result, list):  # one prompt in, one result out; a list means FastVideo fanned out
@@ -214,11 +213,7 @@ class FastVideoEngine:
     def _ray_worker_died(self, exc: BaseException) -> bool:
         """With the Ray executor, a dead actor (not an error raised in it) is worth one more try:
         the mp executor's equivalent ends this child and Celery delivers the task again."""
-        if not self._ray:
-            return False
-        from tasks.engines import fastvideo_ray
-
-        return fastvideo_ray.worker_death(exc) is not None
+        return self._ray and fastvideo_ray.worker_death(exc) is not None
 
     def _explain_sigquit(self) -> None:
         """Say in the log why this child is about to exit when FastVideo's worker fails mid-render.
@@ -261,15 +256,11 @@ class FastVideoEngine:
             with contextlib.suppress(Exception):
                 generator.shutdown()
         if self._ray:  # FastVideo's Ray executor keeps its placement group: free it for the next generator
-            from tasks.engines import fastvideo_ray
-
             with contextlib.suppress(Exception):
                 fastvideo_ray.release_placement_groups()
 
     def close(self) -> None:
         self._shutdown()
         if self._ray:
-            from tasks.engines import fastvideo_ray
-
             fastvideo_ray.stop()
         shutil.rmtree(self._out, ignore_errors=True)
