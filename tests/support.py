@@ -25,11 +25,21 @@ __all__ = [
     "free_port",
     "minio_client",
     "wait_for",
+    "wait_for_denoising",
 ]
 
 # A worker started with this environment paces every render step to at least 0.1 s (tests/pacing.py),
 # so renders that tests act on last long enough on any CPU. Celery reads --include from this variable.
 PACED = {"CELERY_WORKER_INCLUDE": "tests.pacing", "PACE_STEP_S": "0.1"}
+
+
+def wait_for_denoising(result, timeout: float = 120) -> None:
+    """Until the task's state says its render is denoising (a render to act on mid-way)."""
+
+    def denoising() -> bool:
+        return result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising"
+
+    wait_for(denoising, timeout, "the render to reach the denoising stage")
 
 
 def minio_client(server: S3Server):

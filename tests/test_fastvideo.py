@@ -21,7 +21,7 @@ from tests.fastvideo_support import (
     stop_leaves_nothing,
     wait_gone,
 )
-from tests.support import download_verified, wait_for
+from tests.support import download_verified, wait_for, wait_for_denoising
 
 try:
     import fastvideo  # noqa: F401
@@ -37,13 +37,6 @@ pytestmark = pytest.mark.timeout(600)
 SMALL = {"prompt": "a red fox running through snow", "height": 48, "width": 80, "num_frames": 13, "fps": 12, "seed": 3}
 SLOW = {"prompt": "a slow render", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 60, "seed": 11}
 FV = {"ENGINE": "fastvideo"}
-
-
-def wait_for_denoising(result, timeout: float = 120) -> None:
-    def denoising() -> bool:
-        return result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising"
-
-    wait_for(denoising, timeout, "the render to reach the denoising stage")
 
 
 def test_render_through_the_queue_with_fastvideo_on_cpu(

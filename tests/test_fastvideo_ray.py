@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 
 from tests.fastvideo_support import ray_processes, session_processes, stop_leaves_nothing, wait_gone
-from tests.support import download_verified, wait_for
+from tests.support import download_verified, wait_for, wait_for_denoising
 
 pytest.importorskip("fastvideo", reason="fastvideo is not installed: run scripts/install-fastvideo.sh")
 pytest.importorskip("ray", reason="ray is not installed: run scripts/install-fastvideo.sh")
@@ -95,7 +95,7 @@ def test_pool_child_killed_mid_render_takes_its_ray_instance_along(start_worker,
     [actor] = actors(old_ray)
     daemons = [p for p in child.children() if p in old_ray]  # gcs_server, raylet, monitors: Ray's fate-sharing
     result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
-    wait_for(lambda: result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising", 120, "denoising")
+    wait_for_denoising(result)
     os.kill(child.pid, signal.SIGKILL)
 
     wait_gone([actor.pid, *(p.pid for p in daemons)], timeout=15)
@@ -138,7 +138,7 @@ def test_a_dead_ray_worker_gets_one_more_try_then_a_clear_error_and_the_child_ke
 
     # Killed once (the kernel's out-of-memory killer, a crash): rebuilt, tried again, done once.
     result = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
-    wait_for(lambda: result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising", 120, "denoising")
+    wait_for_denoising(result)
     os.kill(actor.pid, signal.SIGKILL)
     done = result.get(timeout=300)
     assert done["worker_pid"] == child.pid and done["engine"] == "fastvideo"
@@ -150,7 +150,7 @@ def test_a_dead_ray_worker_gets_one_more_try_then_a_clear_error_and_the_child_ke
     # Killed on the retry too: a clear, final error; no loop, no redelivery, the child serves on.
     long = {**SLOW, "height": 256, "width": 256, "num_frames": 65, "num_inference_steps": 200, "seed": 12}
     doomed = producer.send_task("tasks.render", kwargs=long, queue="render")
-    wait_for(lambda: doomed.state == "PROGRESS" and (doomed.info or {}).get("stage") == "denoising", 120, "denoising")
+    wait_for_denoising(doomed)
     os.kill(second.pid, signal.SIGKILL)
     wait_for(lambda: worker.log.count("trying once more") == 2, 120, "the second try")
     os.kill(new_actor(child, replacing=second).pid, signal.SIGKILL)

@@ -10,17 +10,10 @@ import psutil
 import pytest
 from celery import Celery
 
-from tests.support import PACED, wait_for
+from tests.support import PACED, wait_for, wait_for_denoising
 
 # Workers that must catch a render mid-way are started with PACED: 40 steps of at least 0.1 s each.
 SLOW = {"prompt": "a slow render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40, "seed": 11}
-
-
-def wait_for_denoising(result, timeout: float = 120) -> None:
-    def denoising() -> bool:
-        return result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising"
-
-    wait_for(denoising, timeout, "the render to reach the denoising stage")
 
 
 def test_a_worker_whose_model_fails_to_load_exits_and_loses_no_task(start_worker, producer: Celery, redis_server):
