@@ -23,7 +23,7 @@ import psutil
 from tests.support import TestWorker, wait_for
 
 __all__ = [
-    "session_processes", "stop_leaves_nothing", "fastvideo_workers", "ray_processes", "ShmWorker",
+    "session_processes", "stop_leaves_nothing", "fastvideo_workers", "ray_processes", "command_line", "ShmWorker",
     "build_poisoned_tiny_wan", "wait_gone", "can_unshare",
 ]  # fmt: skip
 
@@ -62,19 +62,19 @@ def fastvideo_workers(worker: TestWorker) -> list[psutil.Process]:
 
 def ray_processes(pool_child: psutil.Process) -> list[psutil.Process]:
     """The Ray instance a pool child started: its daemons (children) and the raylet's agents and workers."""
-    found = []
     try:
         descendants = pool_child.children(recursive=True)
     except psutil.Error:
         return []
-    for proc in descendants:
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if cmdline.startswith("ray::") or "/site-packages/ray/" in cmdline:
-            found.append(proc)
-    return found
+    return [p for p in descendants if (c := command_line(p)).startswith("ray::") or "/site-packages/ray/" in c]
+
+
+def command_line(proc: psutil.Process) -> str:
+    """The process's command line as one string; empty once it is gone."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> None:

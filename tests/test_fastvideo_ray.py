@@ -16,7 +16,7 @@ import psutil
 import pytest
 from celery import Celery
 
-from tests.fastvideo_support import ray_processes, session_processes, stop_leaves_nothing, wait_gone
+from tests.fastvideo_support import command_line, ray_processes, session_processes, stop_leaves_nothing, wait_gone
 from tests.support import download_verified, wait_for, wait_for_denoising
 
 pytest.importorskip("fastvideo", reason="fastvideo is not installed: run scripts/install-fastvideo.sh")
@@ -31,7 +31,7 @@ SLOW = {"prompt": "a slow render", "height": 128, "width": 128, "num_frames": 33
 
 def actors(processes: list[psutil.Process]) -> list[psutil.Process]:
     """FastVideo's Ray actors (``ray::RayWorkerWrapper``) among ``processes``."""
-    return [p for p in processes if _cmdline(p).startswith("ray::RayWorkerWrapper")]
+    return [p for p in processes if command_line(p).startswith("ray::RayWorkerWrapper")]
 
 
 def new_actor(child: psutil.Process, replacing: psutil.Process) -> psutil.Process:
@@ -43,13 +43,6 @@ def new_actor(child: psutil.Process, replacing: psutil.Process) -> psutil.Proces
 
     wait_for(replaced, 60, "a new actor in place of the dead one")
     return replaced()[0]
-
-
-def _cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def test_render_through_the_queue_with_the_ray_executor_on_cpu(
