@@ -29,6 +29,7 @@ def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: C
     assert result["model"] == "tiny-wan" and result["engine"] == "diffusers" and result["cached"] is False
     assert result["worker"] == worker.hostname
     assert {"validating", "denoising", "encoding", "uploading", "total"} <= set(result["timings"])
+    assert "allocator: freed memory kept for the next render" in worker.log  # set before the engine loaded
 
     # The presigned URL is built for the public endpoint, not the internal one.
     assert result["url"].startswith(f"http://localhost:{s3_server.port}/{bucket}/{result['key']}?")

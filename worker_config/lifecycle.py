@@ -140,10 +140,18 @@ def _on_process_init(**_: Any) -> None:
 
     try:
         allow_children_in_pool_process()
+        _keep_freed_memory(get_settings().KEEP_FREED_MEMORY_MB)
         plan = selfcheck.startup(get_settings())
         ENGINE.load(plan.settings, plan.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
         _die(exc)
+
+
+def _keep_freed_memory(keep_mb: int) -> None:
+    """Before the engine loads, so its own allocations and its spawned workers get the settings."""
+    from tasks.allocator import keep_freed_memory
+
+    log.info("allocator: %s (KEEP_FREED_MEMORY_MB=%d)", keep_freed_memory(keep_mb), keep_mb)
 
 
 def _on_process_shutdown(**_: Any) -> None:

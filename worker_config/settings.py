@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # memory passes this many MiB after a task. 0 turns either off. See docs/benchmarks.md.
     WORKER_MAX_TASKS_PER_CHILD: int = Field(500, ge=0)
     WORKER_MAX_MEMORY_PER_CHILD_MB: int = Field(0, ge=0)
+    # glibc keeps up to this much freed memory for the next render instead of handing it back to
+    # the kernel after every tensor (tasks/allocator.py); 0 leaves glibc's defaults.
+    KEEP_FREED_MEMORY_MB: int = Field(1024, ge=0, le=2047)
     SPOOL_DIR: Path = _DEFAULT_CACHE / "spool"
     RENDER_SOFT_TIME_LIMIT_S: int = Field(1800, ge=1)
     RENDER_TIME_LIMIT_S: int = Field(1900, ge=2)
