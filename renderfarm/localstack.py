@@ -23,7 +23,7 @@ __all__ = [
     "ROOT",
     "RedisServer",
     "S3Server",
-    "SlowUploadProxy",
+    "SlowS3Proxy",
     "WorkerProcess",
     "free_port",
     "wait_for",
@@ -177,17 +177,20 @@ class WorkerProcess:
         self.stop()
 
 
-class SlowUploadProxy:
-    """A TCP proxy in front of the S3 endpoint that holds every PUT request for ``delay_s``.
+class SlowS3Proxy:
+    """A TCP proxy in front of the S3 endpoint that holds every request of ``methods`` for ``delay_s``.
 
-    Makes uploads take real time on loopback, so that overlapping them with renders is visible.
+    Makes uploads (PUT) or lookups (HEAD) take real time on loopback, so that overlapping them with
+    renders is visible. ``held`` lists (method, when it was let through, ``time.monotonic()``).
     """
 
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
+    def __init__(self, upstream_port: int, delay_s: float, methods: tuple[str, ...] = ("PUT",)) -> None:
         import socket
         import threading
 
         self.delay_s = delay_s
+        self.held: list[tuple[str, float]] = []
+        self._methods = tuple(f"{m} ".encode() for m in methods)
         self._upstream = ("127.0.0.1", upstream_port)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -213,8 +216,9 @@ class SlowUploadProxy:
 
         try:
             while data := source.recv(65536):
-                if to_server and data.startswith(b"PUT "):
+                if to_server and data.startswith(self._methods):
                     time.sleep(self.delay_s)
+                    self.held.append((data.split(b" ", 1)[0].decode(), time.monotonic()))
                 target.sendall(data)
         except OSError:
             pass

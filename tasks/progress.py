@@ -29,6 +29,7 @@ class StageClock:
         self.stage: str | None = None
         self._timings: dict[str, float] = {}
         self._published = 0.0
+        self._handed_over = False
 
     def enter(self, stage: str, step: int | None = None, steps: int | None = None) -> None:
         """Close the current stage and start ``stage``; publish it as the task's PROGRESS."""
@@ -49,8 +50,12 @@ class StageClock:
         elif step == steps or time.perf_counter() - self._published >= MIN_STEP_INTERVAL_S:
             self._publish(step, steps)
 
+    def record(self, stage: str, seconds: float) -> None:
+        """Add the seconds of work that ran alongside the current stage (the storage lookup)."""
+        self._timings[stage] = self._timings.get(stage, 0.0) + seconds
+
     def timings(self) -> dict[str, float]:
-        """Seconds per stage so far (the current stage included) and ``total``."""
+        """Seconds per stage so far (the current stage included, and work ``record``-ed alongside) and ``total``."""
         now = time.perf_counter()
         out = dict(self._timings)
         if self.stage is not None:
@@ -59,8 +64,18 @@ class StageClock:
         return {name: round(seconds, 4) for name, seconds in out.items()}
 
     def close(self) -> None:
-        """Send this render's last pending update and wait for it: call before its final state is written."""
-        PUBLISHER.drain()
+        """Call before this render's final state is written: no PROGRESS may land after it.
+
+        A pending update is dropped (the final state supersedes it, as a later update would have);
+        one being sent is waited for. After ``hand_over()`` it does nothing.
+        """
+        if not self._handed_over and self._task.request.id is not None:
+            PUBLISHER.settle(self._task.request.id)
+
+    def hand_over(self) -> None:
+        """The task returns, but its final state is written later by another thread (buffer mode's
+        upload), which calls ``PUBLISHER.settle(task_id)`` first; the render's thread waits for nothing."""
+        self._handed_over = True
 
     def _publish(self, step: int | None, steps: int | None) -> None:
         self._published = time.perf_counter()
@@ -80,9 +95,11 @@ class ProgressPublisher:
     paused the render about eight times per video. The render's thread now only hands over its
     latest update. This thread sends it, at most one update per ``min_interval_s`` per render
     (the latest wins; a render's first update goes out at once); what is superseded within that
-    interval was never visible to anyone polling anyway. ``drain()`` sends the last pending
-    update and returns once it is out: the task drains before its final state (SUCCESS, FAILURE,
-    REVOKED, RETRY) is written, so a late ``PROGRESS`` never overwrites it.
+    interval was never visible to anyone polling anyway. Before a task's final state (SUCCESS,
+    FAILURE, REVOKED, RETRY) is written, ``settle()`` drops its pending update (the final state
+    supersedes it the same way) and waits for one being sent, so a late ``PROGRESS`` never
+    overwrites the final state and the task never waits for a write nobody would see.
+    ``drain()`` instead sends the pending update and returns once it is out.
     """
 
     def __init__(self, min_interval_s: float = MIN_STEP_INTERVAL_S, drain_timeout_s: float = 30.0) -> None:
@@ -92,7 +109,8 @@ class ProgressPublisher:
         self._pid: int | None = None
         self._cond = threading.Condition()
         self._pending: tuple[Any, Any, dict[str, Any]] | None = None
-        self._busy = self._flush = False
+        self._sending: str | None = None  # the task whose update is being sent
+        self._flush = False
         self._last: tuple[str | None, float] = (None, 0.0)  # (task id, when its last update was sent)
 
     def submit(self, task: Any, request: Any, meta: dict[str, Any]) -> None:
@@ -100,7 +118,11 @@ class ProgressPublisher:
             self._start()
         with self._cond:
             self._pending = (task, request, meta)
-            self._cond.notify_all()
+            # Within the interval of this task's last send the thread is sending, or asleep until
+            # the interval ends, when it takes the latest update: no wake-up needed. Waking it for
+            # every step cost a tiny CPU render about 5 ms (GIL hand-overs), as much as sending.
+            if request.id != self._last[0] or time.monotonic() >= self._interval_ends():
+                self._cond.notify_all()
 
     def drain(self) -> None:
         """Send the last pending update now; block until nothing is pending or being sent."""
@@ -109,16 +131,28 @@ class ProgressPublisher:
         with self._cond:
             self._flush = True
             self._cond.notify_all()
-            done = self._cond.wait_for(lambda: self._pending is None and not self._busy, self._drain_timeout_s)
+            done = self._cond.wait_for(lambda: self._pending is None and self._sending is None, self._drain_timeout_s)
             self._flush = False
         if not done:
             log.warning("progress updates still unsent after %.0fs (is Redis reachable?)", self._drain_timeout_s)
+
+    def settle(self, task_id: str) -> None:
+        """Drop the pending update of ``task_id``, if any; block while one of its updates is being sent."""
+        if self._thread is None or self._pid != os.getpid():
+            return
+        with self._cond:
+            if self._pending is not None and self._pending[1].id == task_id:
+                self._pending = None
+            done = self._cond.wait_for(lambda: self._sending != task_id, self._drain_timeout_s)
+        if not done:
+            log.warning("a progress update still unsent after %.0fs (is Redis reachable?)", self._drain_timeout_s)
 
     def _start(self) -> None:
         # Created here, in the process that publishes: after a fork the parent's are not ours.
         self._cond = threading.Condition()
         self._pending = None
-        self._busy = self._flush = False
+        self._sending = None
+        self._flush = False
         self._last = (None, 0.0)
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="progress-publisher", daemon=True)
@@ -127,15 +161,19 @@ class ProgressPublisher:
     def _wait_for_next(self) -> tuple[Any, Any, dict[str, Any]]:
         with self._cond:
             while True:
+                wait = self._interval_ends() - time.monotonic()
                 if self._pending is not None:
-                    last_id, sent_at = self._last
-                    wait = sent_at + self._interval - time.monotonic()
-                    if self._flush or last_id != self._pending[1].id or wait <= 0:
-                        item, self._pending, self._busy = self._pending, None, True
+                    if self._flush or self._last[0] != self._pending[1].id or wait <= 0:
+                        item, self._pending = self._pending, None
+                        self._sending = item[1].id
                         return item
                     self._cond.wait(wait)
-                else:
-                    self._cond.wait()
+                else:  # asleep until the interval ends (see submit), then until woken
+                    self._cond.wait(wait if wait > 0 else None)
+
+    def _interval_ends(self) -> float:
+        """When the interval after the last send ends (``time.monotonic()``); call holding ``_cond``."""
+        return self._last[1] + self._interval
 
     def _run(self) -> None:
         while True:
@@ -144,7 +182,7 @@ class ProgressPublisher:
                 self._send(task, request, meta)
             finally:
                 with self._cond:
-                    self._busy, self._last = False, (request.id, time.monotonic())
+                    self._sending, self._last = None, (request.id, time.monotonic())
                     self._cond.notify_all()
 
     @staticmethod

@@ -30,9 +30,10 @@ from tasks.errors import (
     TransientError,
 )
 from tasks.keys import RenderSpec, object_key, resolve
+from tasks.lookup import StorageLookup
 from tasks.memory import PeakMemory, release_freed_memory
 from tasks.oom import with_one_oom_retry
-from tasks.progress import StageClock
+from tasks.progress import PUBLISHER, StageClock
 from tasks.schemas import Limits, RenderRequest, RenderResult, parse_request
 from tasks.spool import Spool, SpooledVideo
 from tasks.storage import StoredVideo, VideoStore
@@ -84,7 +85,7 @@ def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         return _render(self, clock, kwargs)
     except RenderCancelled:
-        clock.close()  # every PROGRESS out before REVOKED is written
+        clock.close()  # no PROGRESS lands after REVOKED
         reason = f"cancelled by request during stage {clock.stage!r}"
         log.info("%s; the model stays loaded", reason)
         self.backend.mark_as_revoked(self.request.id, reason=reason, request=self.request)
@@ -96,7 +97,7 @@ def render(self: RenderTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
             f"during stage {clock.stage!r}; ask for fewer frames, steps or pixels"
         ) from None
     finally:
-        clock.close()  # every PROGRESS out before Celery writes the final state
+        clock.close()  # no PROGRESS lands after the final state Celery writes
 
 
 class RenderCancelled(Exception):
@@ -117,16 +118,19 @@ def _render(task: RenderTask, clock: StageClock, kwargs: dict[str, Any]) -> dict
 def _render_admitted(
     task: RenderTask, clock: StageClock, request: RenderRequest, spec: RenderSpec, key: str
 ) -> dict[str, Any]:
-    clock.enter("checking_cache")
-    if not request.force and (hit := _find_stored(task, key)) is not None:
+    # Storage is asked whether the video exists while the render starts; its answer is awaited
+    # before the first denoising step (see tasks/lookup.py).
+    lookup = None if request.force else StorageLookup(task.store, key)
+    try:
+        video = task.spool.find(key)
+        if video is None:
+            video = _render_to_spool(task, clock, spec, key, lookup)
+        else:
+            _serve_if_stored(lookup, clock)
+            log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
+    except ServedFromStorage as hit:
         log.info("served from storage: %s", key)
-        return _result(task, hit, clock, cached=True)
-
-    video = task.spool.find(key)
-    if video is None:
-        video = _render_to_spool(task, clock, spec, key)
-    else:
-        log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
+        return _result(task, hit.video, clock, cached=True)
 
     if get_settings().WORKER_MODE == "buffer" and task.request.id is not None:
         _hand_over_upload(task, clock, key, video)  # the next render starts while this one uploads
@@ -154,16 +158,19 @@ def _hand_over_upload(task: RenderTask, clock: StageClock, key: str, video: Spoo
         try:
             task.store.put(key, video.path, video.metadata)
         except StorageUnavailable as exc:
+            PUBLISHER.settle(request.id)  # no PROGRESS of this task after its final state
             _upload_failed(task, request, exc)
             return
         task.spool.discard(key)
         seconds = time.perf_counter() - started
         result["timings"]["uploading"] = round(seconds, 4)
+        PUBLISHER.settle(request.id)
         task.backend.store_result(request.id, result, states.SUCCESS, request=request)
         render_stored.send(sender=task, task_id=request.id, kwargs=request.kwargs, result=result)
         log.info("uploaded %s in %.2fs (background)", key, seconds)
 
-    clock.close()  # every PROGRESS out before the background upload writes SUCCESS
+    clock.enter("uploading")  # seen while the upload runs (sent in the background, like every update)
+    clock.hand_over()  # the upload's thread writes the final state; this thread waits for nothing
     UPLOADER.submit(upload)
     log.info("rendered in %.2fs; upload of %s handed to the background", result["timings"]["total"], key)
 
@@ -180,18 +187,36 @@ def _upload_failed(task: RenderTask, request: Any, exc: StorageUnavailable) -> N
     task.signature_from_request(request, countdown=countdown, retries=request.retries + 1).apply_async()
 
 
-def _find_stored(task: RenderTask, key: str) -> StoredVideo | None:
-    """The finished video at ``key``, if any. Storage being down is not a reason to idle the GPU:
-    the render goes ahead, waits in the spool, and its upload is retried."""
+class ServedFromStorage(Exception):
+    """Storage has the finished video: the render stops (before denoising) and the task returns it."""
+
+    def __init__(self, video: StoredVideo) -> None:
+        super().__init__(video.key)
+        self.video = video
+
+
+def _serve_if_stored(lookup: StorageLookup | None, clock: StageClock) -> None:
+    """Wait for storage's answer; raise ``ServedFromStorage`` if it has the finished video.
+
+    Storage being down is not a reason to idle the GPU: the render goes ahead, waits in the
+    spool, and its upload is retried. An object without our metadata is not a finished video.
+    """
+    if lookup is None:
+        return
     try:
-        hit = task.store.find(key)
+        hit = lookup.result()
     except StorageUnavailable as exc:
-        log.warning("cannot check storage for %s, rendering anyway: %s", key, exc)
-        return None
-    return hit if hit is not None and "sha256" in hit.metadata else None
+        log.warning("cannot check storage for %s, rendering anyway: %s", lookup.key, exc)
+        hit = None
+    if lookup.seconds is not None:
+        clock.record("checking_cache", lookup.seconds)
+    if hit is not None and "sha256" in hit.metadata:
+        raise ServedFromStorage(hit)
 
 
-def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key: str) -> SpooledVideo:
+def _render_to_spool(
+    task: RenderTask, clock: StageClock, spec: RenderSpec, key: str, lookup: StorageLookup | None
+) -> SpooledVideo:
     from tasks.video import encode_mp4, sha256_file, to_uint8_frames
     from worker_config.lifecycle import ENGINE
 
@@ -199,14 +224,20 @@ def _render_to_spool(task: RenderTask, clock: StageClock, spec: RenderSpec, key:
     watch = CancelWatch(task.backend.client, task.request.id)
 
     def progress(stage: str, step: int | None, steps: int | None) -> None:
+        nonlocal lookup
         if step is not None and watch.requested():
             raise RenderCancelled
+        # Engines report denoising step 0 before their first step: storage must have answered by then.
+        if lookup is not None and (stage == "denoising" or lookup.done()):
+            answered, lookup = lookup, None
+            _serve_if_stored(answered, clock)
         clock.progress(stage, step, steps)
 
     peak = PeakMemory(engine.device)
     peak.start()
     output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
     peak_mb, memory_source = peak.stop()
+    _serve_if_stored(lookup, clock)  # still unanswered only if the engine never reported a denoising step
     clock.enter("encoding")
     path = task.spool.video_path(key)
     if output.video_path is not None:

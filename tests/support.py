@@ -11,14 +11,14 @@ from typing import Any
 
 import psutil
 
-from renderfarm.localstack import ROOT, RedisServer, S3Server, SlowUploadProxy, WorkerProcess, free_port, wait_for
+from renderfarm.localstack import ROOT, RedisServer, S3Server, SlowS3Proxy, WorkerProcess, free_port, wait_for
 
 __all__ = [
     "PACED",
     "ROOT",
     "RedisServer",
     "S3Server",
-    "SlowUploadProxy",
+    "SlowS3Proxy",
     "TestWorker",
     "download_verified",
     "ffprobe",

@@ -216,11 +216,11 @@ def test_flower_sees_each_renders_stage_through_task_progress_events(start_worke
         receiver.should_stop = True
 
     # Updates go out at most every 0.1 s, the latest winning (tasks/progress.py): the paced steps
-    # (0.1 s each) are seen, short stages may be superseded, and the last stage always arrives.
+    # (0.1 s each) are seen; short stages may be superseded, by a later stage or by the final state.
     stages = [e["stage"] for e in progress if e["uuid"] == result.id]
-    assert stages == sorted(stages, key=STAGE_ORDER.index) and stages[-1] == "uploading"
+    assert stages == sorted(stages, key=STAGE_ORDER.index) and "denoising" in stages
     steps = [e["step"] for e in progress if e["uuid"] == result.id and e["stage"] == "denoising"]
     assert len(steps) >= 3 and steps == sorted(set(steps))
     assert all(e["steps"] == WATCHED["num_inference_steps"] for e in progress if e["stage"] == "denoising")
     task = state.tasks[result.id]
-    assert task.name == "tasks.render" and task.stage == "uploading" and "watched" in task.kwargs
+    assert task.name == "tasks.render" and task.stage == stages[-1] and "watched" in task.kwargs

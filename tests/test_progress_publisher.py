@@ -78,3 +78,53 @@ def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
     publisher.drain()
     assert [w[1]["step"] for w in backend.writes] == [0, 2]
     assert "could not write the progress of task-2: redis went away" in caplog.text
+
+
+def test_settle_drops_the_pending_update_and_waits_for_the_one_being_sent():
+    """Before a final state: nothing pending goes out after it, and what is being sent has landed."""
+
+    class Watched(SlowBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sending = threading.Event()
+
+        def store_result(self, task_id: str, meta: dict, state: str, request: object = None) -> None:
+            self.sending.set()
+            super().store_result(task_id, meta, state, request)
+
+    backend = Watched()
+    publisher = ProgressPublisher(min_interval_s=0.1)
+    submit_steps(publisher, backend, "task-1", range(1))  # a render's first update goes out at once
+    assert backend.sending.wait(5)  # ... and is being written (20 ms)
+    submit_steps(publisher, backend, "task-1", range(1, 3))  # held back: within the interval
+    publisher.settle("task-1")
+    assert [w[1]["step"] for w in backend.writes] == [0]  # the write in flight landed before settle returned
+    time.sleep(0.3)  # well past the interval
+    assert [w[1]["step"] for w in backend.writes] == [0]  # the pending update was dropped, never sent
+    publisher.drain()  # nothing left to send
+    assert [w[1]["step"] for w in backend.writes] == [0]
+
+
+def test_settle_concerns_one_task_only():
+    """Buffer mode settles a finished task from its upload thread while the next one renders."""
+
+    class Gated(SlowBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sending, self.release = threading.Event(), threading.Event()
+
+        def store_result(self, task_id: str, meta: dict, state: str, request: object = None) -> None:
+            self.sending.set()
+            assert self.release.wait(5)
+            super().store_result(task_id, meta, state, request)
+
+    backend = Gated()
+    publisher = ProgressPublisher(min_interval_s=0.1)
+    submit_steps(publisher, backend, "next", range(1))
+    assert backend.sending.wait(5)  # the next task's first update is being written, held by the gate
+    submit_steps(publisher, backend, "next", range(1, 2))  # and its step 1 is pending
+    publisher.settle("finished")  # returns at once: nothing of "finished" is pending or being sent
+    assert backend.writes == []
+    backend.release.set()
+    publisher.drain()
+    assert [(w[0], w[1]["step"]) for w in backend.writes] == [("next", 0), ("next", 1)]  # nothing dropped

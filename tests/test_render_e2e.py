@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from celery import Celery
 from minio.error import S3Error
@@ -89,9 +91,11 @@ def test_progress_states_are_visible_to_the_producer(start_worker, producer: Cel
 
     async_result.get(timeout=120, on_message=on_message, propagate=True)
     # At most one update per 0.1 s goes out, the latest winning: stages shorter than that may be
-    # superseded; what is seen is in order, the steps count up, and the last stage always arrives.
+    # superseded, by a later stage or by the final state; what is seen is in order, the steps count up.
     stages = [m["stage"] for m in seen]
-    assert stages == sorted(stages, key=STAGE_ORDER.index) and stages[-1] == "uploading"
+    assert stages == sorted(stages, key=STAGE_ORDER.index) and "denoising" in stages
+    time.sleep(0.5)  # past the publisher's interval: no held-back PROGRESS overwrites the final state
+    assert producer.backend.get_task_meta(async_result.id, cache=False)["status"] == "SUCCESS"
     steps = [m["step"] for m in seen if m["stage"] == "denoising"]
     assert len(steps) >= 3 and steps == sorted(set(steps))
     assert all(m["steps"] == 6 for m in seen if m["stage"] == "denoising")

@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 from celery import Celery
 
-from tests.support import SlowUploadProxy, wait_for
+from tests.support import SlowS3Proxy, wait_for
 from worker_config.celery_config import celery_config
 from worker_config.settings import Settings
 
@@ -32,25 +32,33 @@ def test_each_mode_sets_its_delivery_settings(mode, prefetch):
 
 @pytest.fixture
 def slow_storage(s3_server):
-    proxy = SlowUploadProxy(s3_server.port, delay_s=1.5)
+    proxy = SlowS3Proxy(s3_server.port, delay_s=1.5)
     yield proxy
     proxy.stop()
 
 
-def render_three(producer: Celery) -> list[dict]:
+def render_three(producer: Celery, stages: list[str] | None = None) -> list[dict]:
+    """Three renders; the stages the first one published are appended to ``stages``."""
     sent = [
         producer.send_task("tasks.render", kwargs={"prompt": f"clip {i}", "seed": i, "num_frames": 17}, queue="render")
         for i in range(3)
     ]
-    return [r.get(timeout=180) for r in sent]
+
+    def on_message(meta: dict) -> None:
+        if meta["status"] == "PROGRESS" and stages is not None:
+            stages.append(meta["result"]["stage"])
+
+    return [sent[0].get(timeout=180, on_message=on_message)] + [r.get(timeout=180) for r in sent[1:]]
 
 
 def test_buffer_mode_uploads_while_the_next_video_renders(start_worker, producer: Celery, slow_storage, s3, bucket):
     worker = start_worker(WORKER_MODE="buffer", MINIO_ENDPOINT=slow_storage.endpoint)
-    results = render_three(producer)
+    stages: list[str] = []
+    results = render_three(producer, stages)
 
     assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(r["key"] for r in results)
     assert all(r["timings"]["uploading"] >= 1.5 for r in results)  # the uploads really were slow
+    assert stages[-1] == "uploading"  # shown while the upload ran in the background, then SUCCESS
     log = worker.log
     # The second render started before the first upload finished: the GPU did not wait on I/O.
     assert logged_at(log, "seed 1 -> ") < logged_at(log, f"uploaded {results[0]['key']}")

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "RenderOutput", "ProgressFn", "load_engine", "choose_engine", "resolve_model_path"]
 
-# progress(stage, step, steps): stage is one of "encoding_prompt", "denoising", "decoding".
+# progress(stage, step, steps): stage is one of "encoding_prompt", "denoising", "decoding". An
+# engine reports ("denoising", 0, steps) before its first denoising step: the task waits there for
+# storage's answer to its lookup, and may stop the render by raising from the callback.
 ProgressFn = Callable[[str, "int | None", "int | None"], None]
 
 
