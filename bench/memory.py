@@ -86,8 +86,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def describe(report: dict[str, Any]) -> str:
     kib = 1024
+    # With FastVideo the render runs in the pool process's spawned worker: both are counted.
+    what = "pool process resident set" + (" (with its spawned workers)" if report["engine"] != "diffusers" else "")
     return (
-        f"pool process resident set after {WARMUP} warm-up renders {report['first_mb']:.1f} MiB, after the last "
+        f"{what} after {WARMUP} warm-up renders {report['first_mb']:.1f} MiB, after the last "
         f"{report['last_mb']:.1f} MiB; least-squares growth {report['growth_mib_per_render'] * kib:.1f} KiB per render "
         f"over renders {WARMUP + 1}-{report['n']}, {report['late_growth_mib_per_render'] * kib:.1f} KiB per render over "
         f"renders {report['late_from']}-{report['n']}, which stayed between {report['late_min_mb']:.1f} and "
@@ -106,7 +108,7 @@ def write_docs(report: dict[str, Any]) -> None:
     ax.plot([r["i"] for r in rows], [r["rss_mb"] + r["children_rss_mb"] for r in rows], lw=1)
     ax.axvline(WARMUP, color="grey", ls=":", lw=1)
     ax.set_xlabel("renders")
-    ax.set_ylabel("pool process RSS (MiB)")
+    ax.set_ylabel("pool process RSS (MiB)" if engine == "diffusers" else "pool process + workers RSS (MiB)")
     ax.set_title(f"Worker memory over {report['n']} renders ({engine}, tiny-wan, CPU)")
     fig.tight_layout()
     png = f"benchmarks-memory-{engine}.png"

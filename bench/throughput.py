@@ -38,6 +38,10 @@ SIZES = [  # name, request, renders per system
     ("256x256x33, 4 steps", {"height": 256, "width": 256, "num_frames": 33, "num_inference_steps": 4}, 4),
 ]
 SYSTEMS = ("direct", "queue", "buffer", "naive")
+# Untimed renders before each timed batch. Two, because a fresh worker process's heap reaches its
+# steady state on the second render of a size (tasks/allocator.py, tasks/memory.py: the first
+# takes its memory from the kernel, the second still grows a little); direct's process is older.
+WARMUP = 2
 _seeds = itertools.count(1000)
 
 
@@ -50,6 +54,7 @@ def run_direct(request: dict[str, Any], n: int) -> float:
     """The ideal: no queue. Same stages as the worker: render, encode, upload."""
     import tempfile
 
+    from tasks.allocator import keep_freed_memory
     from tasks.engines.diffusers_engine import DiffusersEngine
     from tasks.keys import object_key
     from tasks.storage import VideoStore
@@ -57,10 +62,12 @@ def run_direct(request: dict[str, Any], n: int) -> float:
     from worker_config.settings import get_settings
 
     settings = get_settings()
+    keep_freed_memory(settings.KEEP_FREED_MEMORY_MB)  # the allocator settings of every worker's pool process
     engine = DiffusersEngine(settings)
     store = VideoStore(settings)
     store.ensure_bucket()
-    engine.render(spec_for(request, next(_seeds)), lambda *a: None)  # warm-up, untimed (as for every system)
+    for _ in range(WARMUP):  # untimed, as for every system
+        engine.render(spec_for(request, next(_seeds)), lambda *a: None)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(n):
@@ -76,7 +83,8 @@ def run_direct(request: dict[str, Any], n: int) -> float:
 def run_queue(request: dict[str, Any], n: int) -> tuple[float, list[dict[str, Any]]]:
     from tasks import render
 
-    render.delay(prompt="warm-up", seed=next(_seeds), **request).get(timeout=1800)  # untimed
+    for _ in range(WARMUP):  # untimed
+        render.delay(prompt="warm-up", seed=next(_seeds), **request).get(timeout=1800)
     started = time.perf_counter()
     sent = [render.delay(prompt="benchmark", seed=next(_seeds), **request) for _ in range(n)]
     results = [r.get(timeout=1800) for r in sent]
@@ -180,9 +188,9 @@ def main() -> None:
         baseline.stop()
 
         # Slow uploads: queue vs buffer behind a throttled S3 endpoint (every PUT held 0.5 s).
-        from renderfarm.localstack import SlowUploadProxy
+        from renderfarm.localstack import SlowS3Proxy
 
-        proxy = SlowUploadProxy(stack.s3.port, delay_s=0.5)
+        proxy = SlowS3Proxy(stack.s3.port, delay_s=0.5)
         slow_req, slow_n = (
             {"height": 128, "width": 128, "num_frames": 9, "num_inference_steps": 4},
             (4 if args.quick else 10),
