@@ -64,6 +64,9 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(
     worker = start_worker(MAX_DELIVERIES="2", **PACED)
     poison = producer.send_task("tasks.render", kwargs=SLOW, queue="render")
     for delivery in range(2):
+        # This delivery has begun (and is counted) before its child is killed: the task's state may
+        # still be the previous delivery's PROGRESS, so that alone does not say the new child has it.
+        wait_for(lambda n=delivery: worker.log.count(": render ") == n + 1, 60, f"delivery {delivery + 1}")
         wait_for_denoising(poison)
         child = worker.pool_children()[0].pid
         os.kill(child, sig)
