@@ -38,7 +38,8 @@ SIZES = [  # name, request, renders per system
     ("256x256x33, 4 steps", {"height": 256, "width": 256, "num_frames": 33, "num_inference_steps": 4}, 4),
 ]
 SYSTEMS = ("direct", "queue", "buffer", "naive")
-# Untimed renders before each timed batch. Two, because a fresh worker process's heap reaches its
+# Untimed renders before each timed batch of direct, queue and buffer (naive, which loads the
+# model in every task, gets one). Two, because a fresh worker process's heap reaches its
 # steady state on the second render of a size (tasks/allocator.py, tasks/memory.py: the first
 # takes its memory from the kernel, the second still grows a little); direct's process is older.
 WARMUP = 2
@@ -66,7 +67,7 @@ def run_direct(request: dict[str, Any], n: int) -> float:
     engine = DiffusersEngine(settings)
     store = VideoStore(settings)
     store.ensure_bucket()
-    for _ in range(WARMUP):  # untimed, as for every system
+    for _ in range(WARMUP):  # untimed, as for the queue and buffer workers
         engine.render(spec_for(request, next(_seeds)), lambda *a: None)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
