@@ -126,7 +126,7 @@ class ProgressPublisher:
 
     def drain(self) -> None:
         """Send the last pending update now; block until nothing is pending or being sent."""
-        if self._thread is None or self._pid != os.getpid():
+        if not self._started_here():
             return
         with self._cond:
             self._flush = True
@@ -138,7 +138,7 @@ class ProgressPublisher:
 
     def settle(self, task_id: str) -> None:
         """Drop the pending update of ``task_id``, if any; block while one of its updates is being sent."""
-        if self._thread is None or self._pid != os.getpid():
+        if not self._started_here():
             return
         with self._cond:
             if self._pending is not None and self._pending[1].id == task_id:
@@ -146,6 +146,10 @@ class ProgressPublisher:
             done = self._cond.wait_for(lambda: self._sending != task_id, self._drain_timeout_s)
         if not done:
             log.warning("a progress update still unsent after %.0fs (is Redis reachable?)", self._drain_timeout_s)
+
+    def _started_here(self) -> bool:
+        """Whether this process started the thread (after a fork the parent's is not ours)."""
+        return self._thread is not None and self._pid == os.getpid()
 
     def _start(self) -> None:
         # Created here, in the process that publishes: after a fork the parent's are not ours.
