@@ -70,7 +70,8 @@ def test_a_task_that_kills_its_worker_every_time_fails_after_the_delivery_cap(
         wait_for_denoising(poison)
         child = worker.pool_children()[0].pid
         os.kill(child, sig)
-        wait_for(lambda c=child: worker.pool_children() and worker.pool_children()[0].pid != c, 60, "a new child")
+        # One look at the pool per poll: between two looks the killed child can be reaped before its replacement starts.
+        wait_for(lambda c=child: any(p.pid != c for p in worker.pool_children()), 60, "a new child")
         wait_for(lambda n=delivery: worker.log.count("engine loaded") == n + 2, 60, "the new child's engine")
 
     with pytest.raises(Exception, match=r"delivered 3 times .* giving up after MAX_DELIVERIES=2") as info:
