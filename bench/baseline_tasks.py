@@ -36,8 +36,8 @@ def noop() -> int:
 @app.task(name="bench.naive_render")
 def naive_render(spec: dict[str, Any], key: str) -> dict[str, Any]:
     from tasks.engines.diffusers_engine import DiffusersEngine
-    from tasks.storage import VideoStore
-    from tasks.video import encode_mp4, sha256_file, to_uint8_frames
+    from tasks.pipeline.s5_encode import encode_mp4, sha256_file, to_uint8_frames
+    from tasks.pipeline.storage import VideoStore
 
     settings = get_settings()
     engine = DiffusersEngine(settings)  # the naive part: a model load per task

@@ -40,7 +40,7 @@ SIZES = [  # name, request, renders per system
 SYSTEMS = ("direct", "queue", "buffer", "naive")
 # Untimed renders before each timed batch of direct, queue and buffer (naive, which loads the
 # model in every task, gets one). Two, because a fresh worker process's heap reaches its
-# steady state on the second render of a size (tasks/allocator.py, tasks/memory.py: the first
+# steady state on the second render of a size (tasks/worker/allocator.py, tasks/worker/memory.py: the first
 # takes its memory from the kernel, the second still grows a little); direct's process is older.
 WARMUP = 2
 _seeds = itertools.count(1000)
@@ -55,11 +55,11 @@ def run_direct(request: dict[str, Any], n: int) -> float:
     """The ideal: no queue. Same stages as the worker: render, encode, upload."""
     import tempfile
 
-    from tasks.allocator import keep_freed_memory
     from tasks.engines.diffusers_engine import DiffusersEngine
     from tasks.keys import object_key
-    from tasks.storage import VideoStore
-    from tasks.video import encode_mp4, sha256_file, to_uint8_frames
+    from tasks.pipeline.s5_encode import encode_mp4, sha256_file, to_uint8_frames
+    from tasks.pipeline.storage import VideoStore
+    from tasks.worker.allocator import keep_freed_memory
     from worker_config.settings import get_settings
 
     settings = get_settings()

@@ -3,7 +3,7 @@
 Checks, each with one line and the fix where known: the settings, the broker (Redis answers, the
 render queue's depth, workers answering), object storage (the bucket with the workers'
 credentials), webhooks (secret and allow-list), then the worker self-check from
-``worker_config.selfcheck`` (PyTorch, CUDA, GPU, FastVideo, /dev/shm, a real spawn pool, the
+``tasks.worker.selfcheck`` (PyTorch, CUDA, GPU, FastVideo, /dev/shm, a real spawn pool, the
 engine a worker here would load). A producer-only install (no torch) skips the worker part.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from worker_config.selfcheck import Check
+from tasks.worker.selfcheck import Check
 
 if TYPE_CHECKING:
     from worker_config.settings import Settings
@@ -54,7 +54,7 @@ def _workers() -> Check:
 
 def _storage(settings: Settings) -> Check:
     from tasks.errors import StorageUnavailable
-    from tasks.storage import VideoStore
+    from tasks.pipeline.storage import VideoStore
 
     try:
         store = VideoStore(settings)
@@ -83,7 +83,7 @@ def _worker_checks(settings: Settings) -> list[Check]:
     if importlib.util.find_spec("torch") is None:
         return [Check("worker", True, "PyTorch not installed: a producer-only install (workers need the worker extra)")]
     from tasks.errors import FatalWorkerError
-    from worker_config import selfcheck
+    from tasks.worker import selfcheck
 
     found = selfcheck.run_checks(settings)
     try:

@@ -98,9 +98,9 @@ class Limits(BaseModel):
     max_prompt_chars: int
     max_pixel_frames: int
     models: tuple[str, ...]
-    # Webhook allow-list and secret (WEBHOOK_ALLOWED_HOSTS, WEBHOOK_SECRET); read from settings
-    # when not given, so every worker checks webhook URLs against its own deployment's list.
-    webhooks: WebhookPolicy = Field(default_factory=WebhookPolicy.from_settings)
+    # Webhook allow-list and secret (WEBHOOK_ALLOWED_HOSTS, WEBHOOK_SECRET): every worker passes its
+    # own deployment's (tasks.pipeline.resources); without one, webhooks are refused.
+    webhooks: WebhookPolicy = Field(default_factory=WebhookPolicy)
 
 
 class RenderResult(BaseModel):

@@ -79,13 +79,6 @@ class WebhookPolicy:
                 names.append(entry)
         return cls(tuple(names), tuple(suffixes), tuple(networks), bool(secret))
 
-    @classmethod
-    def from_settings(cls) -> WebhookPolicy:
-        from worker_config.settings import get_settings
-
-        settings = get_settings()
-        return cls.parse(settings.WEBHOOK_ALLOWED_HOSTS, settings.WEBHOOK_SECRET)
-
     def host_allowed(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)

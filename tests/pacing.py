@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-from tasks.progress import StageClock
+from tasks.pipeline.progress import StageClock
 
 PACE_STEP_S = float(os.environ.get("PACE_STEP_S", "0.1"))
 

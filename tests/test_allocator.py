@@ -1,4 +1,4 @@
-"""tasks.allocator: freed memory stays in the process for the next render (glibc, Linux).
+"""tasks.worker.allocator: freed memory stays in the process for the next render (glibc, Linux).
 
 Each check runs in a fresh interpreter: allocator settings are per process and cannot be undone.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.allocator import libc
+from tasks.worker.allocator import libc
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(getattr(libc(), "mallopt", None) is None, reason="needs glibc's mallopt")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(getattr(libc(), "mallopt", None) is None, reason
 SCRIPT = """
 import json, os, resource, sys
 import numpy as np
-from tasks.allocator import keep_freed_memory
+from tasks.worker.allocator import keep_freed_memory
 
 said = keep_freed_memory(int(sys.argv[1]))
 

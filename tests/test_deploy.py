@@ -36,8 +36,8 @@ import psutil
 import pytest
 import yaml
 
+from tasks.worker.healthcheck import engine_loaded
 from tests.support import ROOT, free_port, wait_for
-from worker_config.healthcheck import engine_loaded
 from worker_config.settings import Settings
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -242,7 +242,7 @@ def test_dockerfile_runs_as_non_root_with_health_check_and_entrypoint():
     assert uid.isdigit() and int(uid) != 0, f"numeric non-root user expected, got {user}"
 
     (health,) = [a for kind, a in steps if kind == "HEALTHCHECK"]
-    assert exec_form(health)[:3] == ["python", "-m", "worker_config.healthcheck"]
+    assert exec_form(health)[:3] == ["python", "-m", "tasks.worker.healthcheck"]
     assert "--start-period=" in health
 
     (entry,) = [a for kind, a in steps if kind == "ENTRYPOINT"]
@@ -408,7 +408,7 @@ def test_compose_services_are_configured_for_production():
     assert len(devices_seen) == len(set(devices_seen)) == len(gpu_workers), "one GPU per worker"
 
     for name, svc in worker_services(doc).items():
-        assert svc["healthcheck"]["test"][1:4] == ["python", "-m", "worker_config.healthcheck"], name
+        assert svc["healthcheck"]["test"][1:4] == ["python", "-m", "tasks.worker.healthcheck"], name
         assert svc["restart"] == "unless-stopped"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert svc["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
@@ -505,7 +505,7 @@ def test_healthcheck_fails_fast_without_a_broker(worker_env):
 
 def test_healthcheck_does_not_import_torch(worker_env):
     probe = (
-        "import sys; from worker_config import healthcheck; "
+        "import sys; from tasks.worker import healthcheck; "
         "code = healthcheck.main(['--timeout', '0.5']); print('torch' in sys.modules, code)"
     )
     out = subprocess.run(

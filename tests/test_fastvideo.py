@@ -47,7 +47,7 @@ def test_render_through_the_queue_with_fastvideo_on_cpu(
     assert "CUDA available: False" in worker.log and "/dev/shm: " in worker.log
     assert "FastVideo CPU-compatibility layer applied" in worker.log
     [fv_worker] = fastvideo_workers(worker)  # FastVideo's mp executor: one spawned worker per GPU
-    # The allocator settings of the pool child reach the process that renders (tasks/allocator.py).
+    # The allocator settings of the pool child reach the process that renders (tasks/worker/allocator.py).
     assert {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} <= set(fv_worker.environ())
 
     first = producer.send_task("tasks.render", kwargs=SMALL, queue="render").get(timeout=180)

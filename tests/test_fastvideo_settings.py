@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tasks.errors import FatalWorkerError
-from worker_config.selfcheck import Check, plan
+from tasks.worker.selfcheck import Check, plan
 from worker_config.settings import Settings, SettingsError, get_settings
 
 BROKEN_SHM = Check("/dev/shm", False, "read-only", "use --ipc=host", needed_by_mp=True)
@@ -85,7 +85,7 @@ def test_plan_without_a_usable_fallback_is_fatal_with_the_fix():
 def test_doctor_command_runs_the_checks_on_demand():
     env = {**os.environ, "ENGINE": "diffusers"}
     out = subprocess.run(
-        [sys.executable, "-m", "worker_config.selfcheck"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "tasks.worker.selfcheck"], capture_output=True, text=True, env=env, timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert "Multiprocessing OK: [2, 4, 6]" in out.stdout and "PyTorch: " in out.stdout and "/dev/shm: " in out.stdout

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks import memory
+from tasks.engines.peak_memory import PeakMemory
+from tasks.worker import memory
 
 
 class CountingLibc:
@@ -49,7 +50,7 @@ def test_a_large_working_set_gets_a_proportional_margin(monkeypatch):
 
 
 def test_peak_memory_of_a_render_is_its_own_high_water_mark():
-    peak = memory.PeakMemory("cpu")
+    peak = PeakMemory("cpu")
     peak.start()
     block = np.ones(64 * 2**20 // 8)  # 64 MiB touched
     mb, source = peak.stop()

@@ -176,7 +176,7 @@ def test_failure_reasons_map_the_error_hierarchy():
     from celery.exceptions import SoftTimeLimitExceeded
 
     from tasks import errors
-    from worker_config.metrics import OUTCOMES, outcome_of
+    from tasks.worker.metrics import OUTCOMES, outcome_of
 
     cases = {
         errors.InvalidRequest("x"): "invalid",
@@ -215,7 +215,7 @@ def test_flower_sees_each_renders_stage_through_task_progress_events(start_worke
         )
         receiver.should_stop = True
 
-    # Updates go out at most every 0.1 s, the latest winning (tasks/progress.py): the paced steps
+    # Updates go out at most every 0.1 s, the latest winning (tasks/pipeline/progress.py): the paced steps
     # (0.1 s each) are seen; short stages may be superseded, by a later stage or by the final state.
     stages = [e["stage"] for e in progress if e["uuid"] == result.id]
     assert stages == sorted(stages, key=STAGE_ORDER.index) and "denoising" in stages

@@ -6,7 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from tasks.progress import PROGRESS, ProgressPublisher
+from tasks.pipeline.progress import PROGRESS, ProgressPublisher
 
 
 class SlowBackend:

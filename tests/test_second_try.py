@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.second_try import describe_size, with_one_more_try
+from tasks.engines.second_try import describe_size, with_one_more_try
 
 
 class Flaky(Exception):

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from tasks.video import encode_mp4, sha256_file, to_uint8_frames
+from tasks.pipeline.s5_encode import encode_mp4, sha256_file, to_uint8_frames
 
 
 def test_encoded_video_decodes_to_the_same_frames(tmp_path):

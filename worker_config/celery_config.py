@@ -1,10 +1,15 @@
 """Celery configuration for long GPU jobs, derived from settings.
 
+Two parts: ``app_config(broker)`` is what every process that talks to the farm uses (the app
+module applies it, so a producer reads only the broker's settings); ``celery_config(settings)``
+adds what only a worker reads (time limits, prefetch, leases, process lifecycle), applied when a
+worker starts (``tasks.worker.boot``, at Celery's ``celeryd_init``).
+
 Why each value (see docs/settings.md for the operator's view):
 - JSON only: no pickle on the wire or in results; other content types are refused.
 - acks_late + reject_on_worker_lost + prefetch 1: a task is acknowledged only after it finished,
   so a worker that dies gives its task back, and no worker hoards work it cannot start.
-- a short visibility timeout with a lease renewed while the task runs (worker_config/lease.py):
+- a short visibility timeout with a lease renewed while the task runs (tasks/worker/lease.py):
   a healthy render is never handed to a second worker, a dead node's task moves on in minutes.
 - worker_proc_alive_timeout above the model load: Celery's 4 s default SIGKILLs every
   replacement child that loads a model, in a loop.
@@ -16,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker_config.settings import Settings
+from worker_config.settings import BrokerSettings, Settings
 
-__all__ = ["RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "celery_config"]
+__all__ = ["RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "app_config", "celery_config"]
 
 RENDER_QUEUE = "render"
 # Message priorities on the Redis transport: 0 is served first, 9 last (kombu's steps 0, 3, 6, 9;
@@ -28,28 +33,21 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
-    transport = {
-        "visibility_timeout": settings.VISIBILITY_TIMEOUT_S,
-        # Sweep for lapsed leases every few seconds (kombu's default is ~100 s: interval 10 x throttle 10).
-        "unacked_restore_interval": settings.restore_interval_s,
-        "unacked_restore_throttle": 1,
-    }
+def app_config(broker: BrokerSettings) -> dict[str, Any]:
+    """What every process that talks to the farm uses: producers, the CLI, Flower and workers."""
     return {
-        "broker_url": settings.REDIS_URL,
-        "result_backend": settings.REDIS_URL,
+        "broker_url": broker.REDIS_URL,
+        "result_backend": broker.REDIS_URL,
         # Priorities (Redis): one list per step, `render` (0, served first), then `render<sep>3`,
         # `<sep>6`, `<sep>9`; a worker pops the best non-empty list first. Steps and separator are
         # kombu's defaults, on purpose: a producer that does not load this configuration computes
         # the same list names, so its prioritised messages are consumed (a different `sep` would
         # strand them). Messages without a priority count as 0.
         "broker_transport_options": {
-            **transport,
             "priority_steps": list(PRIORITY_STEPS),
             "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
         },
-        "result_backend_transport_options": dict(transport),
         "broker_connection_retry_on_startup": True,
         # A Redis restart is survived: result reads and writes retry with backoff (up to 10 s apart).
         "result_backend_always_retry": True,
@@ -59,22 +57,36 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
-        # Delivery: nothing lost, nothing hoarded.
+        # Delivery: nothing lost (a task's own options, bound when the app is finalised).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # queue mode holds only the task it runs; buffer mode holds one more, ready to start.
-        "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
         "task_default_queue": RENDER_QUEUE,
-        "task_routes": {
-            "tasks.render": {"queue": RENDER_QUEUE},
-            "tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE},
-        },
+        "task_routes": {"tasks.render": {"queue": RENDER_QUEUE}},
         "task_default_priority": PRIORITIES["normal"],
-        # Visibility: STARTED and PROGRESS states, events for Flower, extended results.
+        # Visibility: STARTED and PROGRESS states, a sent event for Flower, extended results.
         "task_track_started": True,
-        "worker_send_task_events": True,
         "task_send_sent_event": True,
         "result_extended": True,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """A worker's configuration: ``app_config`` and what only a worker reads (applied when it starts)."""
+    base = app_config(settings)
+    transport = {
+        "visibility_timeout": settings.VISIBILITY_TIMEOUT_S,
+        # Sweep for lapsed leases every few seconds (kombu's default is ~100 s: interval 10 x throttle 10).
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        **base,
+        "broker_transport_options": {**transport, **base["broker_transport_options"]},
+        "result_backend_transport_options": dict(transport),
+        # queue mode holds only the task it runs; buffer mode holds one more, ready to start.
+        "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
+        "task_routes": {**base["task_routes"], "tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE}},
+        "worker_send_task_events": True,
         "result_expires": settings.RESULT_EXPIRES_S,
         # Time limits and process lifecycle.
         "task_soft_time_limit": settings.RENDER_SOFT_TIME_LIMIT_S,

@@ -1,35 +1,50 @@
 """Settings: the one place that reads the environment.
 
 Every knob of the render farm is a field here, named exactly as its environment variable
-(see docs/settings.md). ``get_settings()`` builds the object once per process; everything else
-receives it or calls ``get_settings()``. Invalid values fail with a message that names the
-variable and what is allowed.
+(see docs/settings.md). Two objects, each built once per process:
+
+- ``get_broker_settings()``: what every process that talks to the farm needs (producers, the
+  CLI, Flower): where Redis is. A producer reads nothing else, so no worker setting can stop it.
+- ``get_settings()``: a worker's settings, the broker's included (``Settings`` extends
+  ``BrokerSettings``); only worker code calls it.
+
+Everything else receives one of them or calls its getter. Invalid values fail with a message that
+names the variable and what is allowed.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "get_settings", "endpoint_parts", "describe_errors"]
+__all__ = [
+    "BrokerSettings", "Settings", "SettingsError", "get_broker_settings", "get_settings", "endpoint_parts",
+    "describe_errors",
+]  # fmt: skip
 
 _DEFAULT_CACHE = Path.home() / ".cache" / "renderfarm"
+_S = TypeVar("_S", bound="BrokerSettings")
 
 
 class SettingsError(ValueError):
     """The environment holds an invalid setting; the message names it and what is allowed."""
 
 
-class Settings(BaseSettings):
+class BrokerSettings(BaseSettings):
+    """What a producer reads: the broker and result backend."""
+
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
 
-    # Broker and result backend.
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BrokerSettings):
+    """What a worker reads: everything."""
 
     # Object storage (MinIO or any S3 endpoint). Endpoints are host:port or a URL.
     MINIO_ENDPOINT: str = "127.0.0.1:9000"
@@ -69,7 +84,7 @@ class Settings(BaseSettings):
     ENGINE_FALLBACKS: str = "ray,diffusers"
     # Free space /dev/shm must have for FastVideo's mp executor (Docker's default is 64 MB).
     MIN_SHM_MB: int = Field(1024, ge=0)
-    # Print the self-check banner in every pool child before it takes work (python -m worker_config.selfcheck).
+    # Print the self-check banner in every pool child before it takes work (python -m tasks.worker.selfcheck).
     SELFCHECK: bool = True
 
     # Worker behaviour.
@@ -82,13 +97,13 @@ class Settings(BaseSettings):
     WORKER_MAX_TASKS_PER_CHILD: int = Field(500, ge=0)
     WORKER_MAX_MEMORY_PER_CHILD_MB: int = Field(0, ge=0)
     # glibc keeps up to this much freed memory for the next render instead of handing it back to
-    # the kernel after every tensor (tasks/allocator.py); 0 leaves glibc's defaults.
+    # the kernel after every tensor (tasks/worker/allocator.py); 0 leaves glibc's defaults.
     KEEP_FREED_MEMORY_MB: int = Field(1024, ge=0, le=2047)
     SPOOL_DIR: Path = _DEFAULT_CACHE / "spool"
     RENDER_SOFT_TIME_LIMIT_S: int = Field(1800, ge=1)
     RENDER_TIME_LIMIT_S: int = Field(1900, ge=2)
     # Redis gives an unacknowledged task to another worker once its lease is this old. A running
-    # task's lease is renewed every LEASE_RENEW_S by its worker's main process (worker_config/lease.py),
+    # task's lease is renewed every LEASE_RENEW_S by its worker's main process (tasks/worker/lease.py),
     # so a slow healthy render is never started twice, and a dead node's task moves on in minutes.
     VISIBILITY_TIMEOUT_S: int = Field(300, ge=3)
     LEASE_RENEW_S: float = Field(30.0, gt=0)
@@ -196,8 +211,18 @@ def describe_errors(exc: ValidationError) -> str:
 
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read from the environment once."""
+    """The worker's settings, read from the environment once."""
+    return _read(Settings)
+
+
+@functools.lru_cache(maxsize=1)
+def get_broker_settings() -> BrokerSettings:
+    """A producer's settings (the broker only), read from the environment once."""
+    return _read(BrokerSettings)
+
+
+def _read(kind: type[_S]) -> _S:
     try:
-        return Settings()
+        return kind()
     except ValidationError as exc:
         raise SettingsError(f"invalid settings: {describe_errors(exc)}") from None

@@ -1,8 +1,21 @@
 """Engines: one small interface, several implementations, imported lazily.
 
-An engine is built once per pool child (``worker_config.lifecycle``) and then renders one spec
-at a time. Importing this package imports no torch: the implementations are loaded by
-``load_engine`` only in worker processes.
+This module is the interface (``Engine``, ``RenderOutput``, ``ProgressFn``) and the choice of an
+engine for the settings. An engine is built once per pool child (``tasks.worker.lifecycle`` loads
+it into ``holder.ENGINE``) and then renders one spec at a time (``tasks.pipeline.s4_generate``).
+Importing this package imports no torch: the implementations are imported by
+``holder.load_engine`` only in worker processes.
+
+- ``diffusers_engine``: WanPipeline (the CPU engine for tiny-wan, and a fallback).
+- ``fastvideo_engine``: FastVideo's ``VideoGenerator``, with ``fastvideo_worker`` (its mp worker's
+  entry point), ``fastvideo_ray`` (its Ray executor in a pool process) and ``fastvideo_cpu``
+  (FastVideo without an accelerator).
+- ``tiny_wan``: the built-in random-weight checkpoint.
+- ``holder``: the one owner of a process's engine, and ``load_engine``. ``peak_memory``: a render's peak memory.
+  ``oom`` and ``second_try``: one more try after an out-of-memory or a lost engine worker.
+
+May import the producer's face (errors, keys) and the configuration; imported by the pipeline and
+the worker process, never by the face.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ if TYPE_CHECKING:
 
     from worker_config.settings import Settings
 
-__all__ = ["Engine", "RenderOutput", "ProgressFn", "load_engine", "choose_engine", "resolve_model_path"]
+__all__ = ["Engine", "RenderOutput", "ProgressFn", "choose_engine", "resolve_model_path"]
 
 # progress(stage, step, steps): stage is one of "encoding_prompt", "denoising", "decoding". An
 # engine reports ("denoising", 0, steps) before its first denoising step: the task waits there for
@@ -58,17 +71,3 @@ def resolve_model_path(settings: Settings) -> str:
 
         return str(ensure_tiny_wan(settings.MODEL_CACHE_DIR))
     return settings.MODEL_ID
-
-
-def load_engine(settings: Settings, name: str | None = None) -> Engine:
-    """Build the engine ``name`` (default: ``choose_engine``) for ``settings.MODEL_ID``."""
-    name = name or choose_engine(settings)
-    if name == "diffusers":
-        from tasks.engines.diffusers_engine import DiffusersEngine
-
-        return DiffusersEngine(settings)
-    if name == "fastvideo":
-        from tasks.engines.fastvideo_engine import FastVideoEngine
-
-        return FastVideoEngine(settings)
-    raise ValueError(f"unknown engine {name!r}; allowed: fastvideo, diffusers")

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, resolve_model_path
+from tasks.engines.second_try import describe_size, with_one_more_try
 from tasks.errors import EngineNotReady, EngineWorkerLost, RenderError
-from tasks.second_try import describe_size, with_one_more_try
 from worker_config.settings import Settings
 
 __all__ = ["FastVideoEngine", "load_options", "generation_request", "LOAD_OPTION_NAMES", "REQUEST_SAMPLING_NAMES"]

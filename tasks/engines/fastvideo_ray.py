@@ -19,7 +19,7 @@ engine owns the Ray instance instead: ``start()`` before the generator loads, ``
    death to the (dead) GCS. Measured: all gone about 65 s after the SIGKILL.
 3. Every Ray worker process of the instance runs ``setup_worker()`` first (runtime_env
    ``worker_process_setup_hook``, imported by name: the project root is on ``PYTHONPATH``, see
-   ``worker_config.mp_in_pool``). It logs to the worker's stderr, which Ray streams into the pool
+   ``tasks.worker.mp_in_pool``). It logs to the worker's stderr, which Ray streams into the pool
    child's log, and applies the CPU-compatibility layer where the engine applied it
    (``RENDERFARM_FASTVIDEO_CPU=1``, ``tasks.engines.fastvideo_cpu``).
 4. Without an accelerator (only then), ``ray.init(num_gpus=NUM_GPUS)`` declares that many *logical*

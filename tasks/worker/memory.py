@@ -1,73 +1,29 @@
-"""Peak memory of one render: CUDA where torch renders on a GPU, else the process's resident set.
+"""The pool process's memory between renders: freed memory is given back to the OS once it adds up.
 
-On Linux the resident-set high-water mark (VmHWM) can be reset by writing ``5`` to
-``/proc/self/clear_refs``, so the peak is the render's own, not the process's lifetime peak.
+``release_freed_memory`` runs after each render's frames are encoded and dropped (the pipeline's
+``render_encoded`` signal, connected by ``install``). A render's own peak memory is
+measured where it runs (``tasks.engines.peak_memory``).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from typing import Any
 
-from tasks.allocator import libc
+from tasks.engines.peak_memory import rss_mb
+from tasks.pipeline.events import render_encoded
+from tasks.worker.allocator import libc
 
-__all__ = ["PeakMemory", "release_freed_memory", "rss_mb"]
+__all__ = ["install", "release_freed_memory", "rss_mb"]
 
-_STATUS = Path("/proc/self/status")
 _RSS_AFTER_TRIM: float | None = None  # the reference: resident MiB after the second render since a trim
 _RENDERS_SINCE_TRIM = 0
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_mb() -> float | None:
-    """This process's resident set now, in MiB."""
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb / 1024
-
-
-class PeakMemory:
-    """``start()`` before a render, ``stop()`` after: (peak MiB, "cuda" | "rss") or (None, None)."""
-
-    def __init__(self, device: str) -> None:
-        self._cuda = device.startswith("cuda")
-
-    def start(self) -> None:
-        if self._cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            _CLEAR_REFS.write_text("5")
-        except OSError:  # not Linux, or not allowed: the lifetime peak is still a bound
-            pass
-
-    def stop(self) -> tuple[float | None, str | None]:
-        if self._cuda:
-            import torch
-
-            return round(torch.cuda.max_memory_allocated() / 2**20, 1), "cuda"
-        kb = _status_kb("VmHWM")
-        if kb is None and sys.platform != "linux":
-            return None, None
-        return (None, None) if kb is None else (round(kb / 1024, 1), "rss")
 
 
 def release_freed_memory(every_mb: float = 64.0, every_fraction: float = 0.25) -> bool:
     """Give memory freed by renders back to the OS (glibc ``malloc_trim``) once it adds up.
 
     Each render frees hundreds of MiB of tensors and frames; glibc keeps them in its heap
-    (``tasks.allocator`` asks it to, so the next render reuses them without page faults),
+    (``tasks.worker.allocator`` asks it to, so the next render reuses them without page faults),
     fragmented, and without trimming a long-running worker's resident set grew by about one
     video's frames per render (measured: ~630 KiB per 64x64x9 render; see docs/benchmarks.md).
     Trimming costs the next render its page faults (5-20 ms for 64x64x9, ~0.1 s for 256x256x33),
@@ -99,3 +55,12 @@ def release_freed_memory(every_mb: float = 64.0, every_fraction: float = 0.25) -
     # the trough right after the trim (that would trim again after almost every render).
     _RSS_AFTER_TRIM, _RENDERS_SINCE_TRIM = None, 0
     return True
+
+
+def _after_render(**_: Any) -> None:
+    release_freed_memory()
+
+
+def install(app: Any) -> None:
+    """Trim after each render's encoding, in the pool process that rendered it."""
+    render_encoded.connect(_after_render, weak=False)

@@ -13,7 +13,7 @@ blocks above 32 MiB stay), and lets the heap keep up to ``keep_mb`` MiB free at 
 (``M_TRIM_THRESHOLD``). Measured: prompt encoding 23-25 ms with no page faults; the 256x256x33
 render 2.0 s with a few hundred (docs/benchmarks.md). The worker calls it in every pool process
 before the engine loads (``KEEP_FREED_MEMORY_MB``). The memory stays bounded:
-``tasks.memory.release_freed_memory`` still trims once the resident set has grown 64 MiB or 25%
+``tasks.worker.memory.release_freed_memory`` still trims once the resident set has grown 64 MiB or 25%
 past its steady level. On a GPU most render memory is on the device, which this does not
 touch; the decoded frames copied to the host still are.
 """

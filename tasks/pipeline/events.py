@@ -1,4 +1,7 @@
-"""The project's own worker signals, for what Celery's task signals cannot see.
+"""The pipeline's own signals, for what Celery's task signals cannot see; the worker listens.
+
+``render_encoded``: a render's frames are encoded and dropped (stage 5). The worker gives the
+memory they held back to the OS here (``tasks.worker.memory``). Receivers get ``sender`` (the task).
 
 ``render_stored``: a render's video reached storage outside its task's run: in
 ``WORKER_MODE=buffer`` the task hands the upload to a background thread and returns (Celery sends
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["render_stored"]
+__all__ = ["render_encoded", "render_stored"]
 
+render_encoded = Signal(name="render_encoded")
 render_stored = Signal(name="render_stored")

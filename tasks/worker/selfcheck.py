@@ -6,7 +6,7 @@ FastVideo's mp executor cannot run here it says exactly why and what to set, the
 the order ``ENGINE_FALLBACKS`` gives (``ray``: FastVideo with the Ray executor; ``diffusers``: the
 diffusers engine) or raises ``FatalWorkerError`` so the worker exits instead of taking tasks.
 
-Operators run the same checks on demand: ``python -m worker_config.selfcheck`` (exit 0 when the
+Operators run the same checks on demand: ``python -m tasks.worker.selfcheck`` (exit 0 when the
 configured engine, or a fallback, can run; 1 otherwise). ``run_checks(settings)`` is the API.
 """
 
@@ -110,7 +110,7 @@ def _multiprocessing_check() -> Check:
     except Exception as exc:  # noqa: BLE001 - every failure is reported, with its cause
         text = f"{type(exc).__name__}: {exc}"
         if "daemonic" in text or "AuthenticationString" in text:
-            fix = "call worker_config.mp_in_pool.allow_children_in_pool_process() in the pool child first"
+            fix = "call tasks.worker.mp_in_pool.allow_children_in_pool_process() in the pool child first"
         else:
             fix = SHM_FIX
         return Check("Multiprocessing", False, f"a spawn pool failed in pid {os.getpid()}: {text}", fix, True)
@@ -200,9 +200,9 @@ def startup(settings: Settings) -> Plan:
 
 
 def main() -> int:
-    """``python -m worker_config.selfcheck``: the operator's on-demand check."""
+    """``python -m tasks.worker.selfcheck``: the operator's on-demand check."""
     from tasks.errors import FatalWorkerError
-    from worker_config.mp_in_pool import allow_children_in_pool_process
+    from tasks.worker.mp_in_pool import allow_children_in_pool_process
     from worker_config.settings import SettingsError, get_settings
 
     try:

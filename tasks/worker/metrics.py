@@ -33,7 +33,8 @@ from typing import Any
 
 from celery import signals
 
-from worker_config.events import render_stored
+from tasks.engines.holder import ENGINE
+from tasks.pipeline.events import render_stored
 from worker_config.settings import get_settings
 
 __all__ = ["install", "outcome_of", "OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
@@ -160,9 +161,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 def _on_process_init(**_: Any) -> None:
-    # Connected after worker_config.lifecycle's handler, so the engine has loaded by now.
-    from worker_config.lifecycle import ENGINE
-
+    # Connected after tasks.worker.lifecycle's handler, so the engine has loaded by now.
     if _M is None or not ENGINE.ready or ENGINE.load_seconds is None:
         return
     engine = ENGINE.get()

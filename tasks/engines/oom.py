@@ -3,7 +3,7 @@
 A transient out-of-memory (fragmentation, another process's leftovers) often passes after the
 allocator's cache is emptied; a request that is simply too big fails again at once. So: exactly
 one retry, in the same process, and then ``RenderOutOfMemory`` naming the size that did not fit
-(``tasks.second_try``).
+(``tasks.engines.second_try``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from tasks.engines.second_try import describe_size, with_one_more_try
 from tasks.errors import RenderOutOfMemory
-from tasks.second_try import describe_size, with_one_more_try
 
 __all__ = ["is_out_of_memory", "free_memory", "with_one_oom_retry"]
 

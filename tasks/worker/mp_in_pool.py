@@ -23,7 +23,7 @@ from pathlib import Path
 
 __all__ = ["allow_children_in_pool_process", "PROJECT_ROOT"]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # tasks/worker/mp_in_pool.py
 
 
 def allow_children_in_pool_process() -> None:

@@ -1,8 +1,8 @@
 """Container health check: healthy only when this host's worker has its model loaded.
 
-``python -m worker_config.healthcheck [--name render] [--timeout 5]`` exits 0 when the worker
+``python -m tasks.worker.healthcheck [--name render] [--timeout 5]`` exits 0 when the worker
 ``<name>@<this host>`` answers over Celery's control API *and* its pool child has finished
-``worker_process_init`` (where ``worker_config.lifecycle`` loads the engine); 1 otherwise: no
+``worker_process_init`` (where ``tasks.worker.lifecycle`` loads the engine); 1 otherwise: no
 answer, broker down, invalid settings, or the model still loading.
 
 A plain ``control.ping`` is not enough: the main process answers it as soon as it consumes, while
@@ -64,7 +64,7 @@ def engine_loaded(stats: dict[str, Any]) -> tuple[bool, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker_config.healthcheck",
+        prog="python -m tasks.worker.healthcheck",
         description="Exit 0 only if this host's render worker answers and its model is loaded.",
     )
     parser.add_argument("--name", default=DEFAULT_NAME, help="worker name before '@' (default: %(default)s)")

@@ -1,14 +1,19 @@
 """The worker process lifecycle: the engine is loaded once per pool child and released at exit.
 
-- ``worker_init`` (main process): settings are validated before any child starts; invalid
-  settings stop the worker with a message naming the variable.
+- Before it: the worker command validated the settings (invalid ones stop the worker with a
+  message naming the variable, exit code 2) and applied the worker's Celery configuration
+  (``tasks.celery``).
+- ``celeryd_init`` (main process, the first signal a starting ``celery worker`` sends):
+  ``tasks.render`` gets its body, the pipeline, and ``tasks.deliver_webhook`` is declared, both
+  with their retry policies from settings.
+- ``worker_init`` (main process): without usable shared memory the worker stops at once.
 - ``worker_process_init`` (each pool child, or the main process with ``--pool=solo``): the
-  process is made able to start multiprocessing children (``worker_config.mp_in_pool``), the
+  process is made able to start multiprocessing children (``tasks.worker.mp_in_pool``), the
   self-check prints its banner and picks the engine, falling back where FastVideo's mp executor
-  cannot run (``worker_config.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
-  owner). If any of it fails, the process prints a diagnosis and stops the whole worker (exit
-  code 1): it never takes tasks it cannot run.
-- ``worker_process_shutdown``: the engine is released.
+  cannot run (``tasks.worker.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
+  owner, ``tasks.engines.holder``). If any of it fails, the process prints a diagnosis and stops
+  the whole worker (exit code 1): it never takes tasks it cannot run.
+- ``worker_process_shutdown``: queued background uploads finish, then the engine is released.
 """
 
 from __future__ import annotations
@@ -18,23 +23,25 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from tasks.errors import EngineNotReady
-from worker_config.settings import SettingsError, get_settings
+from tasks.engines.holder import ENGINE
+from tasks.pipeline.render import run
+from tasks.pipeline.s7_upload import UPLOADER
+from tasks.render import use_pipeline
+from tasks.worker import selfcheck
+from tasks.worker.allocator import keep_freed_memory
+from tasks.worker.mp_in_pool import allow_children_in_pool_process
+from worker_config.settings import get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from tasks.engines import Engine
-    from worker_config.settings import Settings
-
-__all__ = ["ENGINE", "EngineHolder", "install"]
+__all__ = ["install"]
 
 log = logging.getLogger("renderfarm.worker")
 EX_ENGINE_FAILED = 1
@@ -43,51 +50,6 @@ _MAIN_PID: int | None = None
 # engine, so the main process exits non-zero (Celery's cold shutdown alone exits 0).
 _FATAL: Any = None
 _WORKER: Any = None  # the main process's WorkController
-
-
-class EngineHolder:
-    """Owns this process's engine: loaded once, used many times, released once."""
-
-    def __init__(self) -> None:
-        self._engine: Engine | None = None
-        self.loads = 0
-        self.load_seconds: float | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self._engine is not None
-
-    def load(self, settings: Settings | None = None, name: str | None = None) -> Engine:
-        from tasks.engines import load_engine
-
-        settings = settings or get_settings()
-        started = time.perf_counter()
-        with _sigquit_is_a_load_failure():
-            self._engine = load_engine(settings, name)
-        self.load_seconds = time.perf_counter() - started
-        self.loads += 1
-        log.info(
-            "engine loaded: engine=%s model=%s device=%s in %.2fs (pid %d, load #%d)",
-            self._engine.name, self._engine.model_id, self._engine.device, self.load_seconds, os.getpid(), self.loads,
-        )  # fmt: skip
-        return self._engine
-
-    def get(self) -> Engine:
-        if self._engine is None:
-            raise EngineNotReady(
-                f"no engine is loaded in process {os.getpid()}: it loads in worker_process_init, "
-                "so this code is running outside a worker pool process or after shutdown"
-            )
-        return self._engine
-
-    def release(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            engine.close()
-            log.info("engine released (pid %d)", os.getpid())
-
-
-ENGINE = EngineHolder()
 
 
 @contextlib.contextmanager
@@ -114,47 +76,46 @@ def _sigquit_is_a_load_failure() -> Iterator[None]:
         signal.signal(signal.SIGQUIT, previous)
 
 
+def _on_celeryd_init(**_: Any) -> None:
+    # The worker's settings were validated and its configuration applied by the worker command
+    # (tasks.celery); what remains are the tasks' bodies and retry policies.
+    settings = get_settings()
+    use_pipeline(run, max_retries=settings.STORAGE_MAX_RETRIES)
+    # Declared here, not imported by the producer's face: its retry policy is the worker's settings.
+    import tasks.pipeline.webhook_delivery  # noqa: F401
+
+
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     global _MAIN_PID, _FATAL, _WORKER
     import multiprocessing
 
-    from worker_config.selfcheck import semaphores_problem
-
     # First: without usable shared memory neither the RawValue below nor Celery's prefork pool can exist.
-    if (problem := semaphores_problem()) is not None:
+    if (problem := selfcheck.semaphores_problem()) is not None:
         print(f"renderfarm worker: FATAL: {problem}", file=sys.stderr, flush=True)
         raise SystemExit(1)
 
     _MAIN_PID, _WORKER = os.getpid(), sender
     _FATAL = multiprocessing.RawValue("i", 0)
-    try:
-        get_settings()
-    except SettingsError as exc:
-        print(f"renderfarm worker: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
 
 
 def _on_process_init(**_: Any) -> None:
-    from worker_config import selfcheck
-    from worker_config.mp_in_pool import allow_children_in_pool_process
-
     try:
         allow_children_in_pool_process()
         _keep_freed_memory(get_settings().KEEP_FREED_MEMORY_MB)
         plan = selfcheck.startup(get_settings())
-        ENGINE.load(plan.settings, plan.engine)
+        with _sigquit_is_a_load_failure():
+            ENGINE.load(plan.settings, plan.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
         _die(exc)
 
 
 def _keep_freed_memory(keep_mb: int) -> None:
     """Before the engine loads, so its own allocations and its spawned workers get the settings."""
-    from tasks.allocator import keep_freed_memory
-
     log.info("allocator: %s (KEEP_FREED_MEMORY_MB=%d)", keep_freed_memory(keep_mb), keep_mb)
 
 
 def _on_process_shutdown(**_: Any) -> None:
+    UPLOADER.drain()
     ENGINE.release()
 
 
@@ -185,6 +146,7 @@ def _die(exc: BaseException) -> None:
 
 def install(app: Celery) -> None:
     """Connect the lifecycle hooks (they only fire in worker processes)."""
+    signals.celeryd_init.connect(_on_celeryd_init, weak=False)
     signals.worker_init.connect(_on_worker_init, weak=False)
     signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)

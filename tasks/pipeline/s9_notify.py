@@ -1,8 +1,9 @@
-"""Webhook events: when a render with a ``webhook_url`` succeeds or fails, queue its delivery.
+"""Stage 9, notify: when a render with a ``webhook_url`` succeeds or fails, queue its delivery.
 
 Runs in the pool process from Celery's ``task_success`` / ``task_failure`` signals (the render
-task itself knows nothing of webhooks) and sends ``tasks.deliver_webhook`` at the top priority to
-``WEBHOOK_QUEUE``. The body (``tasks.webhook.body_for``) is::
+task itself knows nothing of webhooks) and sends ``tasks.deliver_webhook``
+(``tasks.pipeline.webhook_delivery``) at the top priority to ``WEBHOOK_QUEUE``. The body
+(``tasks.webhook.body_for``) is::
 
     {"event": "render.succeeded" | "render.failed", "task_id": ..., "delivery_id": "<task id>:<event>",
      "state": "SUCCESS" | "FAILURE", "result": {...} | null, "error": {"type", "message"} | null,
@@ -18,8 +19,10 @@ from typing import Any
 
 from celery import signals
 
+from tasks.pipeline.events import render_stored
+from tasks.pipeline.resources import webhook_policy
+from tasks.webhook import UnresolvedHost, check_url
 from worker_config.celery_config import PRIORITIES
-from worker_config.events import render_stored
 from worker_config.settings import get_settings
 
 __all__ = ["install", "event_payload"]
@@ -40,13 +43,12 @@ def event_payload(task_id: str, event: str, result: Any = None, error: BaseExcep
 
 
 def _queue(url: Any, payload: dict[str, Any]) -> None:
-    from tasks.notify import deliver_webhook
-    from tasks.webhook import UnresolvedHost, WebhookPolicy, check_url
+    from tasks.pipeline.webhook_delivery import deliver_webhook  # declared at worker start (tasks.worker.lifecycle)
 
     if not isinstance(url, str):
         return
     try:  # a URL the request validation refused is never called
-        check_url(url, WebhookPolicy.from_settings())
+        check_url(url, webhook_policy())
     except UnresolvedHost:
         pass  # DNS may be back by the time the delivery (which checks again and retries) runs
     except ValueError as exc:

@@ -1,8 +1,10 @@
 """The ``tasks.deliver_webhook`` task: POST one signed render event to the request's ``webhook_url``.
 
-Sent by the worker (``worker_config.webhooks``) when a render succeeds or fails, at the top
-priority on ``WEBHOOK_QUEUE`` (default: the render queue, so it runs right after the current
-render, ahead of any queued one, on any worker started by the documented command). Retry is
+Declared (registered) in workers only, when they start (``tasks.worker.lifecycle``): its retry
+policy comes from the worker's settings. Sent by the worker (``tasks.pipeline.s9_notify``) when a
+render succeeds or fails, at the top priority on ``WEBHOOK_QUEUE`` (default: the render queue, so
+it runs right after the current render, ahead of any queued one, on any worker started by the
+documented command). Retry is
 declared here: connection errors, timeouts, 408, 429 and 5xx answers are retried with exponential
 backoff (``WEBHOOK_RETRY_BACKOFF_S`` doubling up to ``WEBHOOK_RETRY_BACKOFF_MAX_S``, jittered)
 at most ``WEBHOOK_MAX_RETRIES`` times; while it waits the worker holds the message (it is not
@@ -23,6 +25,7 @@ from celery.utils.log import get_task_logger
 
 from tasks.celery import app
 from tasks.errors import RenderError, TransientError
+from tasks.pipeline.resources import webhook_policy
 from tasks.webhook import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -30,7 +33,6 @@ from tasks.webhook import (
     TIMESTAMP_HEADER,
     Target,
     UnresolvedHost,
-    WebhookPolicy,
     body_for,
     check_url,
     sign,
@@ -68,7 +70,7 @@ def deliver_webhook(self: Task, url: str, payload: dict[str, Any]) -> dict[str, 
     """POST ``payload`` (with a fresh ``timestamp``), signed; return the receiver's status code."""
     settings = get_settings()
     try:
-        target = check_url(url, WebhookPolicy.from_settings())
+        target = check_url(url, webhook_policy())
     except UnresolvedHost as exc:
         raise WebhookFailed(f"webhook {url}: {exc}") from None
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""The local spool: finished MP4s waiting for upload.
+"""Stage 6, the spool: finished MP4s wait here, with their metadata, until they are stored.
 
 A render's MP4 and its metadata are kept here until the upload succeeded. When storage fails
 and the task is retried, the retry finds the video here and uploads it: a storage outage never

@@ -1,0 +1,97 @@
+"""The body of ``tasks.render``: the stages, in the order they run.
+
+``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.boot``). A render goes
+through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often?), ``s3_lookup``
+(stored already? in the spool from an earlier attempt?), ``s4_generate`` (the engine), ``s5_encode``
+(the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background
+in buffer mode) and ``s8_result``; ``s9_notify`` queues its webhook once the final state is written.
+A cancelled render ends ``REVOKED`` with the stage it reached; one past its soft time limit ends
+with ``RenderTimeout``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
+
+from tasks.errors import RenderTimeout
+from tasks.pipeline import resources
+from tasks.pipeline.cancelling import RenderCancelled
+from tasks.pipeline.events import render_encoded
+from tasks.pipeline.progress import StageClock
+from tasks.pipeline.s1_validate import validate
+from tasks.pipeline.s2_admit import delivery
+from tasks.pipeline.s3_lookup import ServedFromStorage, StorageLookup, serve_if_stored
+from tasks.pipeline.s4_generate import generate
+from tasks.pipeline.s5_encode import encode, video_metadata
+from tasks.pipeline.s6_spool import SpooledVideo
+from tasks.pipeline.s7_upload import hand_over_upload, upload
+from tasks.pipeline.s8_result import result_of
+from tasks.schemas import RenderRequest
+from worker_config.settings import get_settings
+
+__all__ = ["run"]
+
+log = get_task_logger("tasks.render")  # the task's name: every line of a render is the task's
+
+
+def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Render one request; return the result object (see ``RenderResult``)."""
+    clock = StageClock(task)
+    try:
+        return _stages(task, clock, args, kwargs)
+    except RenderCancelled:
+        clock.close()  # no PROGRESS lands after REVOKED
+        reason = f"cancelled by request during stage {clock.stage!r}"
+        log.info("%s; the model stays loaded", reason)
+        task.backend.mark_as_revoked(task.request.id, reason=reason, request=task.request)
+        raise Ignore() from None
+    except SoftTimeLimitExceeded:
+        limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
+        raise RenderTimeout(
+            f"render stopped: it ran past the soft time limit of {limit}s (RENDER_SOFT_TIME_LIMIT_S) "
+            f"during stage {clock.stage!r}; ask for fewer frames, steps or pixels"
+        ) from None
+    finally:
+        clock.close()  # no PROGRESS lands after the final state Celery writes
+
+
+def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    clock.enter("validating")
+    request, spec, key = validate(task.request.id, args, kwargs)
+    with delivery(task):
+        log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
+                 spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
+        try:
+            video = _video(task, clock, request, spec, key)
+        except ServedFromStorage as hit:
+            log.info("served from storage: %s", key)
+            return result_of(task, hit.video, clock, cached=True)
+        if get_settings().WORKER_MODE == "buffer" and task.request.id is not None:
+            hand_over_upload(task, clock, key, video)  # the next render starts while this one uploads
+            raise Ignore()
+        stored = upload(clock, key, video)
+        return result_of(task, stored, clock, cached=False)
+
+
+def _video(task: Task, clock: StageClock, request: RenderRequest, spec: dict[str, Any], key: str) -> SpooledVideo:
+    """The finished MP4 in the spool: rendered now, or left there by an earlier attempt.
+    ``ServedFromStorage`` when storage has it already."""
+    # Storage is asked whether the video exists while the render starts; its answer is awaited
+    # before the first denoising step (see s3_lookup).
+    lookup = None if request.force else StorageLookup(resources.store(), key)
+    video = resources.spool().find(key)
+    if video is not None:
+        serve_if_stored(lookup, clock)
+        log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
+        return video
+    output, engine, memory = generate(task, clock, spec, lookup)
+    clock.enter("encoding")
+    path = resources.spool().video_path(key)
+    encode(output, engine, spec, path)
+    # The frames are gone: the worker gives the memory they held back to the OS (tasks.worker.memory).
+    render_encoded.send(sender=task)
+    return resources.spool().commit(key, video_metadata(path, spec, engine, memory))

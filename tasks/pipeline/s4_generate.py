@@ -1,0 +1,52 @@
+"""Stage 4, ``encoding_prompt``, ``denoising``, ``decoding``: the engine renders the frames.
+
+The engine loaded in this process (``tasks.engines.holder.ENGINE``) renders the spec and reports
+each stage and step through a callback, which moves the task's progress (``StageClock``), checks
+the cancel flag (``CancelWatch``: ``RenderCancelled`` stops the render at that step) and, before
+the first denoising step, waits for the storage lookup (``ServedFromStorage`` stops it there).
+An out-of-memory gets one more try after memory is freed (``tasks.engines.oom``); the render's
+peak memory is measured around it (``tasks.engines.peak_memory``).
+"""
+
+from __future__ import annotations
+
+from celery import Task
+
+from tasks.engines import RenderOutput
+from tasks.engines.holder import ENGINE
+from tasks.engines.oom import with_one_oom_retry
+from tasks.engines.peak_memory import PeakMemory
+from tasks.keys import RenderSpec
+from tasks.pipeline.cancelling import CancelWatch, RenderCancelled
+from tasks.pipeline.progress import StageClock
+from tasks.pipeline.s3_lookup import StorageLookup, serve_if_stored
+
+__all__ = ["generate", "Memory"]
+
+# The render's peak memory in MiB and where it was measured ("cuda" | "rss"), or (None, None).
+Memory = tuple[float | None, str | None]
+
+
+def generate(
+    task: Task, clock: StageClock, spec: RenderSpec, lookup: StorageLookup | None
+) -> tuple[RenderOutput, str, Memory]:
+    """(the engine's output, the engine's name, the render's peak memory)."""
+    engine = ENGINE.get()
+    watch = CancelWatch(task.backend.client, task.request.id)
+
+    def progress(stage: str, step: int | None, steps: int | None) -> None:
+        nonlocal lookup
+        if step is not None and watch.requested():
+            raise RenderCancelled
+        # Engines report denoising step 0 before their first step: storage must have answered by then.
+        if lookup is not None and (stage == "denoising" or lookup.done()):
+            answered, lookup = lookup, None
+            serve_if_stored(answered, clock)
+        clock.progress(stage, step, steps)
+
+    peak = PeakMemory(engine.device)
+    peak.start()
+    output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
+    memory = peak.stop()
+    serve_if_stored(lookup, clock)  # still unanswered only if the engine never reported a denoising step
+    return output, engine.name, memory

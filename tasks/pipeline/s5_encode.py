@@ -1,0 +1,92 @@
+"""Stage 5, ``encoding``: the frames become an MP4 in the spool, with the metadata it is stored under.
+
+Frames are encoded with PyAV: H.264, yuv420p, faststart, so it plays in every browser. An engine
+that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.engines import RenderOutput
+from tasks.errors import RenderError
+from tasks.keys import RenderSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tasks.pipeline.s4_generate import Memory
+
+__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file"]
+
+
+def encode(output: RenderOutput, engine: str, spec: RenderSpec, path: Path) -> None:
+    """Write the render's MP4 to ``path``; the output's frames are dropped as soon as they are converted."""
+    if output.video_path is not None:
+        os.replace(output.video_path, path)
+        return
+    if output.frames is None:
+        raise RenderError(f"engine {engine} returned neither frames nor a video file")
+    frames, output.frames = to_uint8_frames(output.frames), None
+    expected = (spec["num_frames"], spec["height"], spec["width"], 3)
+    if frames.shape != expected:
+        raise RenderError(f"engine {engine} returned frames shaped {frames.shape}, expected {expected}")
+    encode_mp4(frames, spec["fps"], path)
+
+
+def video_metadata(path: Path, spec: RenderSpec, engine: str, memory: Memory) -> dict[str, str]:
+    """What the video is stored with (S3 user metadata): its hash, size, seed, model and engine."""
+    metadata = {
+        "sha256": sha256_file(path),
+        "width": str(spec["width"]),
+        "height": str(spec["height"]),
+        "num-frames": str(spec["num_frames"]),
+        "fps": str(spec["fps"]),
+        "seed": str(spec["seed"]),
+        "model": spec["model"],
+        "engine": engine,
+    }
+    peak_mb, memory_source = memory
+    if peak_mb is not None and memory_source is not None:
+        metadata.update({"peak-memory-mb": str(peak_mb), "memory-source": memory_source})
+    return metadata
+
+
+def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) floats in [0, 1] (what diffusers returns) to contiguous uint8 RGB."""
+    import numpy as np
+
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames shaped (T, H, W, 3), got {frames.shape}")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
+def encode_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> Path:
+    """Write uint8 RGB frames (T, H, W, 3) to ``path`` as H.264/yuv420p; atomic via a temp name."""
+    import av
+
+    count, height, width, _ = frames.shape
+    tmp = Path(f"{path}.{os.getpid()}.part")
+    with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "fast"}
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    os.replace(tmp, path)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
