@@ -123,8 +123,9 @@ class RenderResult(BaseModel):
     worker: str
     worker_pid: int
     timings: dict[str, float]
-    # Peak memory of this render: CUDA memory allocated by torch where a GPU renders, else the
-    # pool process's resident set (VmHWM, reset before the render). None when served from storage.
+    # Peak memory of this render in the process that runs the model (FastVideo: its worker): CUDA
+    # memory allocated by torch where a GPU renders, else that process's resident set (VmHWM, reset
+    # before the render). None when served from storage.
     peak_memory_mb: float | None = None
     memory_source: str | None = None
 

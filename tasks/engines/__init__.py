@@ -44,6 +44,7 @@ class RenderOutput:
 
     frames: np.ndarray | None = None
     video_path: Path | None = None
+    # What the engine measured: "peak_memory_mb" and "memory_source" (where the model runs), timings.
     stats: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,12 +16,15 @@
   ``generate`` as an exception (no SIGQUIT on this path): the generator is rebuilt and the error
   raised. A Ray actor that *died* (kernel OOM kill, crash) gets one more try on the rebuilt
   generator, then ``EngineWorkerLost``; the pool child keeps its model and keeps serving.
-- Progress: FastVideo 0.2.1's mp worker reports no per-step progress to its owner, so the task
-  sees ``encoding_prompt``, then ``denoising`` at step 0 and at the last step.
+- Progress, cancel and out-of-memory step by step (``tasks.engines.fastvideo_steps``): FastVideo's
+  worker reports each denoising step to this process, which calls the task's progress callback; a
+  callback that raises (cancelled, found in storage) stops the worker at the next step, and an
+  out-of-memory in the worker comes back as ``EngineOutOfMemory`` (a ``MemoryError``: the task's
+  one more try follows) with the worker still loaded. The generator stays as it is in both cases.
 - A render interrupted while FastVideo's worker was busy (soft time limit) leaves the executor's
-  pipe out of step; the generator is rebuilt before the error is raised. A failure inside
-  FastVideo's worker is different: it sends SIGQUIT, billiard's handler ends this pool child
-  (after the engine is released), Celery sees WorkerLostError and redelivers the task.
+  pipe out of step; the generator is rebuilt before the error is raised. Any other failure inside
+  FastVideo's mp worker: it sends SIGQUIT, billiard's handler ends this pool child (after the
+  engine is released), Celery sees WorkerLostError and redelivers the task.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, resolve_model_path
+from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
 from tasks.engines.second_try import describe_size, with_one_more_try
 from tasks.errors import EngineNotReady, EngineWorkerLost, RenderError
 from worker_config.settings import Settings
 
-__all__ = ["FastVideoEngine", "load_options", "generation_request", "LOAD_OPTION_NAMES", "REQUEST_SAMPLING_NAMES"]
+__all__ = [
+    "FastVideoEngine", "EngineOutOfMemory", "load_options", "generation_request", "LOAD_OPTION_NAMES",
+    "REQUEST_SAMPLING_NAMES",
+]  # fmt: skip
 
 log = logging.getLogger("renderfarm.fastvideo")
 
@@ -111,6 +117,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class EngineOutOfMemory(MemoryError):
+    """FastVideo's worker ran out of memory; it freed what it could and is still loaded (one more try follows)."""
+
+
 class FastVideoEngine:
     name = "fastvideo"
 
@@ -129,6 +139,10 @@ class FastVideoEngine:
         if cpu:
             fastvideo_cpu.apply()
         fastvideo_worker.install()
+        fastvideo_steps.install_in_owner()
+        # Before FastVideo's workers start (spawned or Ray's): they inherit the channel's name.
+        self._steps = fastvideo_steps.StepMonitor()
+        os.environ[fastvideo_steps.ADDRESS_ENV] = self._steps.name
         self._path = resolve_model_path(settings)
         self._options = load_options(settings, cpu)
         self._out = _private_output_dir(Path(settings.SPOOL_DIR))
@@ -142,6 +156,7 @@ class FastVideoEngine:
         except BaseException:
             if self._ray:  # the process exits next (lifecycle): end Ray cleanly first
                 fastvideo_ray.stop()
+            self._steps.close()
             raise
 
     def _load(self) -> float:
@@ -165,13 +180,14 @@ class FastVideoEngine:
         steps = spec["num_inference_steps"]
         request = generation_request(spec, self._out / f"{uuid.uuid4().hex}.mp4")
         progress("encoding_prompt", None, None)
-        progress("denoising", 0, steps)
         started = time.perf_counter()
 
         def attempt() -> Any:
             try:
                 return self._generate(request)
-            except Exception:  # SoftTimeLimitExceeded included; SystemExit is left alone
+            except Exception as exc:  # SoftTimeLimitExceeded included; SystemExit is left alone
+                if (stopped := fastvideo_steps.engine_stopped(exc)) is not None:
+                    raise self._stopped_by(stopped) from None  # the worker answered: nothing to rebuild
                 self._rebuild_after_interrupt()
                 raise
 
@@ -188,22 +204,38 @@ class FastVideoEngine:
                    else "Rebuilding the generator failed too.")
             )  # fmt: skip
 
-        result = with_one_more_try(attempt, self._ray_worker_died, before_retry, give_up)
+        with self._steps.render(progress):
+            result = with_one_more_try(attempt, self._ray_worker_died, before_retry, give_up)
         seconds = time.perf_counter() - started
-        progress("denoising", steps, steps)
         if isinstance(result, list):  # one prompt in, one result out; a list means FastVideo fanned out
             result = result[0]
+        if self._steps.error is not None:  # asked to stop after the worker's last check: the video goes
+            if result.video_path:
+                Path(result.video_path).unlink(missing_ok=True)
+            raise self._steps.error
+        if self._steps.last_step != steps:  # no step reached this process (a pipeline without our hook)
+            progress("denoising", steps, steps)
         if not result.video_path or not Path(result.video_path).is_file():
             raise RenderError(f"FastVideo reported no video file (video_path={result.video_path!r})")
         log.info("FastVideo generate took %.2fs (its own generation_time %.2fs)", seconds, result.generation_time or 0)
+        peak = fastvideo_steps.last_peak_memory()
         return RenderOutput(
             video_path=Path(result.video_path),
             stats={
                 "generate_s": seconds,
                 "generation_time": result.generation_time,
-                "peak_memory_mb": result.peak_memory_mb,
+                "peak_memory_mb": peak[0] if peak else None,
+                "memory_source": peak[1] if peak else None,
             },
         )
+
+    def _stopped_by(self, stopped: fastvideo_steps.EngineStopped) -> BaseException:
+        """The error to raise for a forward FastVideo's worker ended early (it is still loaded and in step)."""
+        if stopped.kind == "out_of_memory":
+            return EngineOutOfMemory(f"out of memory in FastVideo's worker process: {stopped.detail}")
+        if self._steps.error is not None:
+            return self._steps.error  # the progress callback's own exception: cancelled, or found in storage
+        return RenderError(f"FastVideo's worker stopped the render unasked ({stopped.detail})")
 
     def _generate(self, request: Any) -> Any:
         if self._generator is None:  # a rebuild after a failure did not load
@@ -261,6 +293,7 @@ class FastVideoEngine:
 
     def close(self) -> None:
         self._shutdown()
+        self._steps.close()
         if self._ray:
             fastvideo_ray.stop()
         shutil.rmtree(self._out, ignore_errors=True)

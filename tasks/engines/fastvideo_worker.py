@@ -11,8 +11,10 @@ interpreter imports this module and runs it. In the spawned worker it:
 2. logs to its inherited stderr (FastVideo's own logging setup is off: see the engine);
 3. applies the CPU-compatibility layer (``tasks.engines.fastvideo_cpu``) when the engine said so
    through ``RENDERFARM_FASTVIDEO_CPU=1`` (only set where no accelerator is present);
-4. runs FastVideo's own ``worker_main`` unchanged: on any exception it still sends SIGQUIT to
-   the pool child, which dies; Celery replaces it and the task is redelivered (``MAX_DELIVERIES``).
+4. connects the denoising loop to the pool child (``tasks.engines.fastvideo_steps``): per-step
+   progress, stopping at a step, and out-of-memory answered instead of raised;
+5. runs FastVideo's own ``worker_main`` unchanged: on any other exception it still sends SIGQUIT
+   to the pool child, which dies; Celery replaces it and the task is redelivered (``MAX_DELIVERIES``).
 
 Only the mp executor is covered: with ``DISTRIBUTED_EXECUTOR_BACKEND=ray`` Ray starts FastVideo's
 workers itself, and ``tasks.engines.fastvideo_ray`` does the same three things there (fate-sharing
@@ -65,10 +67,11 @@ def worker_main(*args: Any, **kwargs: Any) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"[fastvideo worker pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"
     )
-    from tasks.engines import fastvideo_cpu
+    from tasks.engines import fastvideo_cpu, fastvideo_steps
 
     if os.environ.get(fastvideo_cpu.CPU_ENV) == "1":
         fastvideo_cpu.apply()
+    fastvideo_steps.install_in_worker()
     original = _original
     if original is None:  # the spawned interpreter: FastVideo's class still holds its own entry
         from fastvideo.worker.multiproc_executor import WorkerMultiprocProc

@@ -24,6 +24,8 @@ MIN_STEP_INTERVAL_S = 0.1
 class StageClock:
     def __init__(self, task: Any) -> None:
         self._task = task
+        # Celery's task.request is per thread: kept here, progress may come from an engine's thread.
+        self._request = task.request
         self._started = time.perf_counter()
         self._stage_started = self._started
         self.stage: str | None = None
@@ -69,8 +71,8 @@ class StageClock:
         A pending update is dropped (the final state supersedes it, as a later update would have);
         one being sent is waited for. After ``hand_over()`` it does nothing.
         """
-        if not self._handed_over and self._task.request.id is not None:
-            PUBLISHER.settle(self._task.request.id)
+        if not self._handed_over and self._request.id is not None:
+            PUBLISHER.settle(self._request.id)
 
     def hand_over(self) -> None:
         """The task returns, but its final state is written later by another thread (buffer mode's
@@ -82,9 +84,9 @@ class StageClock:
         meta: dict[str, Any] = {"stage": self.stage}
         if steps is not None:
             meta.update(step=step, steps=steps)
-        if self._task.request.id is None:
+        if self._request.id is None:
             return
-        PUBLISHER.submit(self._task, self._task.request, meta)
+        PUBLISHER.submit(self._task, self._request, meta)
 
 
 class ProgressPublisher:

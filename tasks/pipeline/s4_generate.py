@@ -4,8 +4,9 @@ The engine loaded in this process (``tasks.engines.holder.ENGINE``) renders the 
 each stage and step through a callback, which moves the task's progress (``StageClock``), checks
 the cancel flag (``CancelWatch``: ``RenderCancelled`` stops the render at that step) and, before
 the first denoising step, waits for the storage lookup (``ServedFromStorage`` stops it there).
-An out-of-memory gets one more try after memory is freed (``tasks.engines.oom``); the render's
-peak memory is measured around it (``tasks.engines.peak_memory``).
+An out-of-memory gets one more try after memory is freed (``tasks.engines.oom``). The render's
+peak memory is measured in this process around it (``tasks.engines.peak_memory``), unless the
+engine measured it where the model runs (FastVideo's worker process: ``RenderOutput.stats``).
 """
 
 from __future__ import annotations
@@ -48,5 +49,7 @@ def generate(
     peak.start()
     output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
     memory = peak.stop()
+    if output.stats.get("peak_memory_mb") is not None:  # measured where the model runs (FastVideo's worker)
+        memory = (output.stats["peak_memory_mb"], output.stats.get("memory_source"))
     serve_if_stored(lookup, clock)  # still unanswered only if the engine never reported a denoising step
     return output, engine.name, memory
