@@ -232,7 +232,8 @@ def test_dockerfile_is_a_cuda_12_8_image_with_pinned_cu128_torch_and_fastvideo()
     assert "-c /tmp/renderfarm/constraints.txt" in deps_run, "torch must stay at the cu128 build"
 
     env = " ".join(a for kind, a in steps if kind == "ENV")
-    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in env.split()
+    # No allocator default in the image: the worker picks it per engine (tasks/worker/allocator.py).
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in env
 
 
 def test_dockerfile_runs_as_non_root_with_health_check_and_entrypoint():
@@ -629,7 +630,7 @@ def test_docker_compose_config_gives_each_profile_its_workers(tmp_path):
     assert urlsplit(environment["REDIS_URL"]).password == TEST_SECRETS["REDIS_PASSWORD"]
     assert environment["RENDER_SOFT_TIME_LIMIT_S"] == "100"  # passed through from .env
     assert environment["RENDER_TIME_LIMIT_S"] is None  # unset: the worker's default applies
-    assert environment["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert environment["PYTORCH_CUDA_ALLOC_CONF"] is None  # unset: the worker picks it per engine
     assert (worker["ipc"], int(worker["shm_size"])) == ("host", 8 * 1024**3)
     settings = Settings.model_validate({k: v for k, v in environment.items() if v is not None})
     assert (settings.MODEL_ID, settings.ENGINE) == ("FastVideo/FastWan2.1-T2V-1.3B-Diffusers", "fastvideo")

@@ -45,6 +45,9 @@ def test_render_through_the_queue_with_fastvideo_on_cpu(
     worker = start_worker(**FV)
     assert "Multiprocessing OK: [2, 4, 6]" in worker.log  # a spawn pool inside the pool child itself
     assert "CUDA available: False" in worker.log and "/dev/shm: " in worker.log
+    assert "Device: cpu (DEVICE=auto)" in worker.log  # tiny-wan: the CPU is allowed
+    # The render's own hand-over path, proven at start: a tensor from a spawned process (shared memory on CPU).
+    assert "Tensor hand-over: cpu tensor from a spawned process, through shared memory" in worker.log
     assert "FastVideo CPU-compatibility layer applied" in worker.log
     [fv_worker] = fastvideo_workers(worker)  # FastVideo's mp executor: one spawned worker per GPU
     # The allocator settings of the pool child reach the process that renders (tasks/worker/allocator.py).

@@ -64,6 +64,9 @@ class Settings(BrokerSettings):
     ENGINE: Literal["fastvideo", "diffusers"] | None = None
     DISTRIBUTED_EXECUTOR_BACKEND: Literal["mp", "ray"] = "mp"
     NUM_GPUS: int = Field(1, ge=1, le=64)
+    # Where renders run: auto = CUDA, the CPU only for tiny-wan (a real model without usable CUDA
+    # stops the worker at start with the diagnosis); cuda = CUDA or stop; cpu = the CPU, on purpose.
+    DEVICE: Literal["auto", "cuda", "cpu"] = "auto"
     CUDA_VISIBLE_DEVICES: str | None = None
     PYTORCH_CUDA_ALLOC_CONF: str | None = None
 

@@ -1,4 +1,4 @@
-"""The diffusers engine: WanPipeline, on CUDA when present, else on the CPU.
+"""The diffusers engine: WanPipeline, on the device ``tasks.engines.device`` chooses (CUDA, or the CPU).
 
 It is the CPU engine for ``tiny-wan`` and the fallback where FastVideo's multiprocessing cannot
 start. Real Wan2.1 checkpoints load the same way (bf16 transformer, fp32 VAE on CUDA).
@@ -10,6 +10,7 @@ import gc
 from typing import Any
 
 from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
+from tasks.engines.device import choose_device
 from worker_config.settings import Settings
 
 __all__ = ["DiffusersEngine"]
@@ -28,7 +29,7 @@ class DiffusersEngine:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         self.model_id = settings.MODEL_ID
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = choose_device(settings)
         path = resolve_model_path(settings)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         # Wan's VAE is numerically fragile in half precision: keep it in fp32 everywhere.

@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
+from tasks.engines.device import choose_device
 from tasks.engines.second_try import describe_size, with_one_more_try
-from tasks.errors import EngineNotReady, EngineWorkerLost, RenderError
+from tasks.errors import EngineNotReady, EngineWorkerLost, FatalWorkerError, RenderError
 from worker_config.settings import Settings
 
 __all__ = [
@@ -134,8 +135,13 @@ class FastVideoEngine:
 
         self.model_id = settings.MODEL_ID
         self._settings = settings
-        cpu = not fastvideo_cpu.accelerator_present()
-        self.device = "cpu" if cpu else "cuda"
+        self.device = choose_device(settings)
+        cpu = self.device == "cpu"
+        if cpu and fastvideo_cpu.accelerator_present():
+            raise FatalWorkerError(
+                "DEVICE=cpu with ENGINE=fastvideo on a host with a GPU: FastVideo renders on the GPU it sees; hide it "
+                "with CUDA_VISIBLE_DEVICES= (empty) to render on the CPU, or use ENGINE=diffusers"
+            )
         if cpu:
             fastvideo_cpu.apply()
         fastvideo_worker.install()

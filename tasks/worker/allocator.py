@@ -25,7 +25,7 @@ import ctypes.util
 import os
 from typing import Any
 
-__all__ = ["keep_freed_memory", "libc"]
+__all__ = ["keep_freed_memory", "libc", "cuda_allocator"]
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_MAX = -4
@@ -68,3 +68,27 @@ def keep_freed_memory(keep_mb: int) -> str:
         os.environ[variable] = str(value)
         said.append(f"{variable}={value}")
     return "freed memory kept for the next render: " + ", ".join(said)
+
+
+CUDA_ALLOC_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def cuda_allocator(engine: str, backend: str) -> str:
+    """torch's CUDA allocator for this engine: expandable segments unless a CUDA tensor crosses processes.
+
+    Expandable segments cut out-of-memory errors from fragmentation across renders of different
+    sizes. But FastVideo's mp executor hands the finished video to the pool process as a CUDA
+    tensor (CUDA IPC), and a tensor allocated with expandable segments makes the receiver call
+    ``pidfd_getfd``, which Docker's default seccomp profile refuses without CAP_SYS_PTRACE (pytorch
+    issue 165685): every render would fail after its full denoising. So: ``expandable_segments:True``
+    for diffusers and FastVideo's Ray executor (no CUDA IPC), unset for FastVideo's mp executor.
+    An operator's own ``PYTORCH_CUDA_ALLOC_CONF`` wins (the self-check then proves the hand-over).
+    Set in the environment before torch touches CUDA here, so FastVideo's workers inherit it.
+    Returns what is in effect, in words.
+    """
+    if os.environ.get(CUDA_ALLOC_ENV):
+        return f"{CUDA_ALLOC_ENV}={os.environ[CUDA_ALLOC_ENV]} from the environment"
+    if engine == "fastvideo" and backend == "mp":
+        return f"{CUDA_ALLOC_ENV} unset: FastVideo's mp executor hands its video over through CUDA IPC"
+    os.environ[CUDA_ALLOC_ENV] = "expandable_segments:True"
+    return f"{CUDA_ALLOC_ENV}=expandable_segments:True (ENGINE={engine}: no CUDA tensor crosses a process)"

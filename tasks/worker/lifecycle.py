@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from tasks.engines import choose_engine
 from tasks.engines.holder import ENGINE
 from tasks.pipeline.render import run
 from tasks.pipeline.s7_upload import UPLOADER
 from tasks.render import use_pipeline
 from tasks.worker import selfcheck
-from tasks.worker.allocator import keep_freed_memory
+from tasks.worker.allocator import cuda_allocator, keep_freed_memory
 from tasks.worker.mp_in_pool import allow_children_in_pool_process
 from worker_config.settings import get_settings
 
@@ -101,8 +102,11 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 def _on_process_init(**_: Any) -> None:
     try:
         allow_children_in_pool_process()
-        _keep_freed_memory(get_settings().KEEP_FREED_MEMORY_MB)
-        plan = selfcheck.startup(get_settings())
+        settings = get_settings()
+        _keep_freed_memory(settings.KEEP_FREED_MEMORY_MB)
+        # Before the self-check: its tensor hand-over proves the path with the allocator the render uses.
+        log.info("CUDA allocator: %s", cuda_allocator(choose_engine(settings), settings.DISTRIBUTED_EXECUTOR_BACKEND))
+        plan = selfcheck.startup(settings)
         with _sigquit_is_a_load_failure():
             ENGINE.load(plan.settings, plan.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker

@@ -1,10 +1,14 @@
 """The worker's start-up self-check, and the engine plan that follows from it.
 
 Every pool child runs ``startup()`` before its engine loads: it prints a banner (PyTorch version,
-CUDA, GPU, /dev/shm, and a real ``spawn`` pool started inside the pool child itself), and when
-FastVideo's mp executor cannot run here it says exactly why and what to set, then falls back in
-the order ``ENGINE_FALLBACKS`` gives (``ray``: FastVideo with the Ray executor; ``diffusers``: the
-diffusers engine) or raises ``FatalWorkerError`` so the worker exits instead of taking tasks.
+CUDA, GPU, the device renders will use, /dev/shm, a real ``spawn`` pool started inside the pool
+child itself and, for FastVideo's mp executor, a tensor handed from a spawned process to this one
+exactly as the render hands back its video: a CUDA tensor through CUDA IPC on a GPU, a CPU tensor
+through shared memory otherwise). A real model whose CUDA is unusable stops the worker with the
+diagnosis (``tasks.engines.device``): no silent CPU fallback. When FastVideo's mp executor cannot
+run here it says exactly why and what to set, then falls back in the order ``ENGINE_FALLBACKS``
+gives (``ray``: FastVideo with the Ray executor; ``diffusers``: the diffusers engine) or raises
+``FatalWorkerError`` so the worker exits instead of taking tasks.
 
 Operators run the same checks on demand: ``python -m tasks.worker.selfcheck`` (exit 0 when the
 configured engine, or a fallback, can run; 1 otherwise). ``run_checks(settings)`` is the API.
@@ -17,7 +21,7 @@ import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worker_config.settings import Settings
@@ -56,6 +60,64 @@ class Plan:
 
 def _double(x: int) -> int:  # runs in the spawned self-check pool
     return 2 * x
+
+
+def _tensor_from_child(queue: Any, done: Any, device: str) -> None:  # runs in the spawned self-check process
+    import torch
+
+    queue.put(torch.arange(4, dtype=torch.float32, device=device) * 2)
+    done.wait(_MP_TIMEOUT_S)  # the tensor's memory must outlive the reader's use of it (CUDA IPC)
+
+
+def _tensor_check(device: str) -> Check:
+    """A tensor made in a spawned process, read in this one: the way FastVideo's mp worker hands back the video
+    (a CUDA tensor through CUDA IPC on a GPU, a CPU tensor through shared memory otherwise)."""
+    import torch.multiprocessing
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_tensor_from_child, args=(queue, done, device), daemon=True)
+    name = "Tensor hand-over"
+    try:
+        child.start()
+        values = queue.get(timeout=_MP_TIMEOUT_S).tolist()
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, with its cause
+        text = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        return Check(name, False, f"a {device} tensor from a spawned process could not be read here: {text}",
+                     _tensor_fix(device), needed_by_mp=True)  # fmt: skip
+    finally:
+        done.set()
+        child.join(_MP_TIMEOUT_S)
+        if child.is_alive():
+            child.kill()
+        queue.close()
+    if values != [0.0, 2.0, 4.0, 6.0]:
+        return Check(name, False, f"a {device} tensor arrived changed: {values}", _tensor_fix(device), True)
+    via = "CUDA IPC" if device == "cuda" else "shared memory"
+    return Check(name, True, f"{device} tensor from a spawned process, through {via}")
+
+
+def _tensor_fix(device: str) -> str:
+    if device != "cuda":
+        return SHM_FIX
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "(unset)")
+    return (
+        f"PYTORCH_CUDA_ALLOC_CONF={conf}: with expandable_segments:True, CUDA IPC needs the pidfd_getfd system "
+        "call, which Docker's default seccomp profile refuses without CAP_SYS_PTRACE: unset "
+        "PYTORCH_CUDA_ALLOC_CONF (or expandable_segments:False), or add the capability (`--cap-add SYS_PTRACE`); "
+        "check the driver with nvidia-smi"
+    )
+
+
+def _device_check(settings: Settings) -> Check:
+    from tasks.engines.device import choose_device
+    from tasks.errors import FatalWorkerError
+
+    try:
+        device = choose_device(settings)
+    except FatalWorkerError as exc:
+        return Check("Device", False, str(exc), "see above; DEVICE=cpu renders on the CPU on purpose")
+    return Check("Device", True, f"{device} (DEVICE={settings.DEVICE})")
 
 
 def _torch_checks() -> list[Check]:
@@ -131,8 +193,20 @@ def semaphores_problem() -> str | None:
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    """Run every check in this process (a spawn pool is started and stopped: about a second)."""
-    return [*_torch_checks(), _fastvideo_check(), _shm_check(settings), _multiprocessing_check()]
+    """Run every check in this process (a spawn pool is started and stopped: about a second). The tensor
+    hand-over is checked where the render uses it: FastVideo with the mp executor (a few seconds more)."""
+    from tasks.engines import choose_engine
+
+    checks = [*_torch_checks()]
+    if checks[0].ok:
+        checks.append(_device_check(settings))
+    checks += [_fastvideo_check(), _shm_check(settings), _multiprocessing_check()]
+    mp_render = choose_engine(settings) == "fastvideo" and settings.DISTRIBUTED_EXECUTOR_BACKEND == "mp"
+    if checks[0].ok and mp_render:
+        from tasks.engines.device import cuda_usable
+
+        checks.append(_tensor_check("cuda" if settings.DEVICE != "cpu" and cuda_usable() else "cpu"))
+    return checks
 
 
 def banner(checks: list[Check]) -> str:
@@ -152,8 +226,11 @@ def banner(checks: list[Check]) -> str:
 def plan(settings: Settings, checks: list[Check]) -> Plan:
     """The engine to load here, given the checks; ``FatalWorkerError`` when nothing can run."""
     from tasks.engines import choose_engine
+    from tasks.engines.device import choose_device
     from tasks.errors import FatalWorkerError
 
+    if importlib.util.find_spec("torch") is not None:
+        choose_device(settings)  # a real model with unusable CUDA: stop here, with the diagnosis
     engine = choose_engine(settings)
     blocking = [c for c in checks if c.needed_by_mp and not c.ok]
     if engine != "fastvideo" or settings.DISTRIBUTED_EXECUTOR_BACKEND != "mp" or not blocking:
@@ -161,11 +238,14 @@ def plan(settings: Settings, checks: list[Check]) -> Plan:
             engine, settings, f"ENGINE={engine}, DISTRIBUTED_EXECUTOR_BACKEND={settings.DISTRIBUTED_EXECUTOR_BACKEND}"
         )
     why = "; ".join(f"{c.name}: {c.detail}" for c in blocking)
+    # Shared memory problems have one fix; the tensor hand-over on a GPU names its own (the allocator).
+    own = [SHM_FIX if c.name in (SHM, "Multiprocessing") else c.fix or SHM_FIX for c in blocking]
+    fix = "; ".join(dict.fromkeys(own))
     skipped: list[str] = []
 
     def reason(target: str) -> str:
         passed = f" (skipped: {', '.join(skipped)})" if skipped else ""
-        return f"FastVideo's mp executor cannot run here; fallback to {target}{passed}. Cause: {why}. Fix: {SHM_FIX}"
+        return f"FastVideo's mp executor cannot run here; fallback to {target}{passed}. Cause: {why}. Fix: {fix}"
 
     for fallback in settings.engine_fallbacks:
         if fallback == "ray":
@@ -183,7 +263,7 @@ def plan(settings: Settings, checks: list[Check]) -> Plan:
             )
     tried = f"; fallbacks skipped: {', '.join(skipped)}" if skipped else ""
     raise FatalWorkerError(
-        f"FastVideo's mp executor cannot run in this container ({why}). Fix: {SHM_FIX}. "
+        f"FastVideo's mp executor cannot run in this container ({why}). Fix: {fix}. "
         f"ENGINE_FALLBACKS={settings.ENGINE_FALLBACKS or 'none'!s}{tried}"
     )
 
