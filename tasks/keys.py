@@ -35,32 +35,45 @@ def seed_for_task(task_id: str) -> int:
 
 
 def resolve(request: RenderRequest, served_model: str, task_id: str, limits: Limits) -> RenderSpec:
-    """Fill defaults from the model profile and check the deployment's limits."""
+    """Fill defaults from the model profile and check the model's size rules and the deployment's limits."""
     model = request.model or served_model
     if model not in limits.models:
-        raise InvalidRequest(f"model: {model!r} is not served by this queue; available: {', '.join(limits.models)}")
+        raise _invalid(f"model: {model!r} is not served by this queue; available: {', '.join(limits.models)}")
     if request.webhook_url is not None:
         try:
             check_url(request.webhook_url, limits.webhooks)
         except ValueError as exc:
-            raise InvalidRequest(f"webhook_url: {exc}") from None
+            raise _invalid(f"webhook_url: {exc}") from None
     # ``force`` and ``webhook_url`` decide what happens around the render, not its pixels or key.
     given = request.model_dump(exclude_none=True, exclude={"force", "webhook_url"})
-    spec: RenderSpec = {**profile_for(model).defaults(), **given, "model": model}
+    profile = profile_for(model)
+    spec: RenderSpec = {**profile.defaults(), **given, "model": model}
     if spec.get("seed") is None:
         spec["seed"] = seed_for_task(task_id)
-    for field in ("prompt", "negative_prompt"):
-        if len(spec[field]) > limits.max_prompt_chars:
-            raise InvalidRequest(
-                f"{field}: {len(spec[field])} characters; at most {limits.max_prompt_chars} are allowed"
-            )
+    problems = [
+        f"{side}: {given[side]} is not a multiple of {profile.size_multiple}, which {model} needs "
+        f"(for example {given[side] // profile.size_multiple * profile.size_multiple or profile.size_multiple})"
+        for side in ("height", "width")
+        if side in given and given[side] % profile.size_multiple
+    ]
+    problems += [
+        f"{field}: {len(given[field])} characters; at most {limits.max_prompt_chars} are allowed"
+        for field in ("prompt", "negative_prompt")  # the model's own default negative prompt is not counted
+        if field in given and len(given[field]) > limits.max_prompt_chars
+    ]
+    if problems:
+        raise _invalid("; ".join(problems))
     budget = spec["width"] * spec["height"] * spec["num_frames"]
     if budget > limits.max_pixel_frames:
-        raise InvalidRequest(
+        raise _invalid(
             f"size: {spec['width']}x{spec['height']} x {spec['num_frames']} frames = {budget:,} pixel-frames; "
             f"this deployment allows at most {limits.max_pixel_frames:,} (MAX_PIXEL_FRAMES)"
         )
     return {name: spec[name] for name in _SPEC_FIELDS}
+
+
+def _invalid(message: str) -> InvalidRequest:
+    return InvalidRequest(f"invalid render request: {message}")
 
 
 def object_key(spec: RenderSpec) -> str:

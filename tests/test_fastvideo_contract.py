@@ -52,6 +52,40 @@ def test_settings_values_are_ones_fastvideo_accepts():
     assert precisions <= set(PRECISION_TO_TYPE)
 
 
+def test_the_attention_backends_are_fastvideos_own_names():
+    from fastvideo import envs
+    from fastvideo.platforms.interface import AttentionBackendEnum
+
+    (names,) = [
+        typing.get_args(a)
+        for a in typing.get_args(Settings.model_fields["FASTVIDEO_ATTENTION_BACKEND"].annotation)
+        if a is not type(None)
+    ]
+    assert set(names) <= set(AttentionBackendEnum.__members__), sorted(
+        set(names) - set(AttentionBackendEnum.__members__)
+    )
+    assert "FASTVIDEO_ATTENTION_BACKEND" in envs.environment_variables  # read by FastVideo from the environment
+
+
+def test_what_the_step_channel_patches_still_exists():
+    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+    from fastvideo.pipelines.stages.denoising import DenoisingStage
+    from fastvideo.worker.gpu_worker import Worker
+    from fastvideo.worker.multiproc_executor import MultiprocExecutor, WorkerMultiprocProc
+    from fastvideo.worker.ray_distributed_executor import RayDistributedExecutor
+
+    # The denoising loop reports through its progress bar, one update() per step.
+    assert "progress_bar" in DenoisingStage.__dict__
+    assert "progress_bar.update()" in inspect.getsource(DenoisingStage.forward)
+    # Both executors' workers run Worker.execute_forward; both executors define execute_forward.
+    assert "execute_forward" in Worker.__dict__
+    assert "execute_forward" in MultiprocExecutor.__dict__ and "execute_forward" in RayDistributedExecutor.__dict__
+    # An answer (not an exception) comes back to the owner with its extra dict intact.
+    busy_loop = inspect.getsource(WorkerMultiprocProc.worker_busy_loop)
+    assert "self.worker.execute_forward(" in busy_loop and '"extra": extra' in busy_loop
+    assert "extra" in field_names(ForwardBatch)
+
+
 def test_every_request_field_exists_in_the_request_schema_and_sampling_params():
     from fastvideo.api.sampling_param import SamplingParam
     from fastvideo.api.schema import GenerationRequest, OutputConfig, SamplingConfig

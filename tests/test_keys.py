@@ -8,6 +8,7 @@ import pytest
 
 from tasks.errors import InvalidRequest
 from tasks.keys import object_key, resolve, seed_for_task
+from tasks.profiles import WAN_NEGATIVE_PROMPT_CN, WAN_NEGATIVE_PROMPT_EN
 from tasks.schemas import Limits, RenderRequest
 
 LIMITS = Limits(max_prompt_chars=100, max_pixel_frames=832 * 480 * 81, models=("tiny-wan",))
@@ -64,3 +65,49 @@ def test_pixel_frame_budget_names_the_limit():
     with pytest.raises(InvalidRequest, match=r"1920x1920 x 257 frames = .* at most 32,348,160 \(MAX_PIXEL_FRAMES\)"):
         spec(height=1920, width=1920, num_frames=257)
     assert spec(height=480, width=832, num_frames=81)["num_frames"] == 81
+
+
+FASTWAN22 = "FastVideo/FastWan2.2-TI2V-5B-Diffusers"
+FASTWAN22_LIMITS = Limits(max_prompt_chars=100, max_pixel_frames=1280 * 720 * 129, models=(FASTWAN22,))
+
+
+def fastwan22(**fields):
+    return resolve(RenderRequest(prompt="a cat", seed=1, **fields), FASTWAN22, "t", FASTWAN22_LIMITS)
+
+
+@pytest.mark.parametrize("model", [FASTWAN22, "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers"])
+def test_fastwan22_renders_at_its_own_size_speed_and_default_negative_prompt(model):
+    limits = Limits(max_prompt_chars=100, max_pixel_frames=1280 * 720 * 129, models=(model,))
+    resolved = resolve(RenderRequest(prompt="a cat", seed=1), model, "t", limits)
+    assert (resolved["height"], resolved["width"], resolved["num_frames"], resolved["fps"]) == (704, 1280, 121, 24)
+    assert resolved["num_inference_steps"] == 3
+    assert resolved["negative_prompt"] == WAN_NEGATIVE_PROMPT_CN  # Wan2.2's own, as FastVideo's presets use
+
+
+def test_an_omitted_negative_prompt_is_the_models_default_and_is_not_counted_against_the_limit():
+    wan21 = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    limits = Limits(max_prompt_chars=100, max_pixel_frames=832 * 480 * 81, models=(wan21,))
+    resolved = resolve(RenderRequest(prompt="a cat", seed=1), wan21, "t", limits)
+    assert resolved["negative_prompt"] == WAN_NEGATIVE_PROMPT_EN and len(WAN_NEGATIVE_PROMPT_EN) > 100
+    given = resolve(RenderRequest(prompt="a cat", seed=1, negative_prompt=""), wan21, "t", limits)
+    assert given["negative_prompt"] == ""  # asked for none: none
+    assert object_key(given) != object_key(resolved)
+
+
+def test_wan22_sizes_must_be_multiples_of_32_and_every_bad_side_is_named():
+    assert fastwan22(height=736, width=1280)["height"] == 736
+    with pytest.raises(InvalidRequest) as info:
+        fastwan22(height=720, width=1296)  # multiples of 16, which Wan2.1 accepts, but not of 32
+    assert str(info.value) == (
+        "invalid render request: height: 720 is not a multiple of 32, which FastVideo/FastWan2.2-TI2V-5B-Diffusers "
+        "needs (for example 704); width: 1296 is not a multiple of 32, which FastVideo/FastWan2.2-TI2V-5B-Diffusers "
+        "needs (for example 1280)"
+    )
+    assert spec(height=80, width=48)["height"] == 80  # tiny-wan (Wan2.1 shapes): multiples of 16
+
+
+def test_every_rejection_here_carries_the_documented_prefix():
+    with pytest.raises(InvalidRequest, match=r"^invalid render request: model: "):
+        spec(model="other")
+    with pytest.raises(InvalidRequest, match=r"^invalid render request: size: "):
+        spec(height=1920, width=1920, num_frames=257)

@@ -68,6 +68,13 @@ def test_settings_are_read_once(clean_env):
         ("WORKER_PROC_ALIVE_TIMEOUT_S", "4", "WORKER_PROC_ALIVE_TIMEOUT_S (got '4'): Input should be greater than 4"),
         ("VISIBILITY_TIMEOUT_S", "60", "VISIBILITY_TIMEOUT_S must be at least 3 x LEASE_RENEW_S"),
         ("RENDER_TIME_LIMIT_S", "100", "RENDER_TIME_LIMIT_S must be greater than RENDER_SOFT_TIME_LIMIT_S"),
+        ("DEVICE", "gpu", "DEVICE (got 'gpu'): Input should be 'auto', 'cuda' or 'cpu'"),
+        (
+            "FASTVIDEO_ATTENTION_BACKEND",
+            "FAST",
+            "FASTVIDEO_ATTENTION_BACKEND (got 'FAST'): Input should be 'FLASH_ATTN'",
+        ),
+        ("FASTVIDEO_VSA_SPARSITY", "1", "FASTVIDEO_VSA_SPARSITY (got '1'): Input should be less than 1"),
     ],
 )
 def test_invalid_values_name_the_variable_and_what_is_allowed(clean_env, name, value, expected):
@@ -93,3 +100,16 @@ def test_celery_is_configured_for_long_gpu_jobs(clean_env):
     assert transport["unacked_restore_interval"] * transport["unacked_restore_throttle"] <= 10
     assert conf["worker_proc_alive_timeout"] > 4  # Celery's default kills a replacement child that loads a model
     assert conf["result_expires"] == s.RESULT_EXPIRES_S
+
+
+def test_fastwan_settings_pass_through_to_fastvideo(clean_env):
+    from tasks.engines.fastvideo_engine import load_options
+
+    clean_env.setenv("FASTVIDEO_ATTENTION_BACKEND", "VIDEO_SPARSE_ATTN")
+    clean_env.setenv("FASTVIDEO_VSA_SPARSITY", "0.8")
+    settings = get_settings()
+    assert settings.FASTVIDEO_ATTENTION_BACKEND == "VIDEO_SPARSE_ATTN"
+    assert load_options(settings, cpu=False)["VSA_sparsity"] == 0.8
+    blank = Settings(FASTVIDEO_ATTENTION_BACKEND="", FASTVIDEO_VSA_SPARSITY="")
+    assert (blank.FASTVIDEO_ATTENTION_BACKEND, blank.FASTVIDEO_VSA_SPARSITY) == (None, None)
+    assert "VSA_sparsity" not in load_options(blank, cpu=False)  # FastVideo's own default stays

@@ -81,6 +81,18 @@ class Settings(BrokerSettings):
     FASTVIDEO_USE_FSDP_INFERENCE: bool = False  # [use_fsdp_inference]
     # [dit_precision]; "auto" keeps the model's own default (fp32 everywhere on CPU).
     FASTVIDEO_PRECISION: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # FastVideo's attention backend, read by FastVideo itself from this variable in its workers
+    # (FastWan's sparse models: VIDEO_SPARSE_ATTN); unset = FastVideo chooses. The names of its
+    # AttentionBackendEnum (0.2.1); tests/test_fastvideo_contract.py checks them against the package.
+    FASTVIDEO_ATTENTION_BACKEND: (
+        Literal[
+            "FLASH_ATTN", "TORCH_SDPA", "SAGE_ATTN", "SAGE_ATTN_THREE", "VIDEO_SPARSE_ATTN", "VIDEO_SPARSE_ATTN_H3",
+            "BSA_ATTN", "VMOBA_ATTN", "SLA_ATTN", "SAGE_SLA_ATTN", "NABLA_ATTN",
+        ]
+        | None
+    ) = None  # fmt: skip
+    # [VSA_sparsity]: the share of attention tiles video sparse attention skips (FastWan: 0.8-0.9).
+    FASTVIDEO_VSA_SPARSITY: float | None = Field(None, ge=0.0, lt=1.0)
     # What a pool child tries, in order, when the self-check finds FastVideo's mp executor cannot
     # run here (multiprocessing or /dev/shm unusable): "ray" (FastVideo with the Ray executor),
     # "diffusers" (the diffusers engine). Comma-separated; "none" or "" = exit with the diagnosis.
@@ -141,6 +153,11 @@ class Settings(BrokerSettings):
     @classmethod
     def _blank_engine_is_auto(cls, value: object) -> object:
         return None if value in ("", "auto") else value
+
+    @field_validator("FASTVIDEO_ATTENTION_BACKEND", "FASTVIDEO_VSA_SPARSITY", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("ENGINE_FALLBACKS", mode="before")
     @classmethod

@@ -61,6 +61,7 @@ LOAD_OPTION_NAMES = frozenset({
     "num_gpus", "distributed_executor_backend", "dit_cpu_offload", "dit_layerwise_offload",
     "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload", "pin_cpu_memory",
     "use_fsdp_inference", "disable_autocast", "dit_precision", "vae_precision", "vae_decode_precision",
+    "VSA_sparsity",
 })  # fmt: skip
 REQUEST_SAMPLING_NAMES = ("num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "seed")
 REQUEST_OUTPUT_NAMES = ("output_path", "save_video", "return_frames")
@@ -81,6 +82,8 @@ def load_options(settings: Settings, cpu: bool) -> dict[str, Any]:
     }
     if settings.FASTVIDEO_PRECISION != "auto":
         options["dit_precision"] = settings.FASTVIDEO_PRECISION
+    if settings.FASTVIDEO_VSA_SPARSITY is not None:
+        options["VSA_sparsity"] = settings.FASTVIDEO_VSA_SPARSITY
     if cpu:
         options.update(CPU_LOAD_OPTIONS)
     if unknown := set(options) - LOAD_OPTION_NAMES:  # keep the contract test's list complete
@@ -149,6 +152,8 @@ class FastVideoEngine:
         # Before FastVideo's workers start (spawned or Ray's): they inherit the channel's name.
         self._steps = fastvideo_steps.StepMonitor()
         os.environ[fastvideo_steps.ADDRESS_ENV] = self._steps.name
+        if settings.FASTVIDEO_ATTENTION_BACKEND:  # FastVideo reads it from the environment, in its workers too
+            os.environ["FASTVIDEO_ATTENTION_BACKEND"] = settings.FASTVIDEO_ATTENTION_BACKEND
         self._path = resolve_model_path(settings)
         self._options = load_options(settings, cpu)
         self._out = _private_output_dir(Path(settings.SPOOL_DIR))
