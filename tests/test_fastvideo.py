@@ -142,7 +142,8 @@ def poisoned_model(model_cache: Path) -> Path:
 def test_sigquit_from_fastvideo_worker_ends_the_child_and_the_delivery_cap_ends_the_task(
     start_worker, producer: Celery, poisoned_model: Path
 ):
-    worker = start_worker(MODEL_ID=str(poisoned_model), MAX_DELIVERIES="2", **FV)
+    # A local checkpoint is a real model to the worker: on this CPU it must be asked for (no silent fallback).
+    worker = start_worker(MODEL_ID=str(poisoned_model), DEVICE="cpu", MAX_DELIVERIES="2", **FV)
     session = worker.proc.pid
     poison = producer.send_task("tasks.render", kwargs={**SMALL, "prompt": "0123456789 xyz"}, queue="render")
 

@@ -18,7 +18,7 @@ SLOW = {"prompt": "a slow render", "height": 64, "width": 64, "num_frames": 9, "
 
 def test_a_worker_whose_model_fails_to_load_exits_and_loses_no_task(start_worker, producer: Celery, redis_server):
     queued = producer.send_task("tasks.render", kwargs={"prompt": "waiting"}, queue="render")
-    worker = start_worker(wait=False, MODEL_ID="/nonexistent/checkpoint", ENGINE="diffusers")
+    worker = start_worker(wait=False, MODEL_ID="/nonexistent/checkpoint", ENGINE="diffusers", DEVICE="cpu")
     assert worker.proc.wait(60) == 1
     assert "FATAL: the engine failed to load" in worker.log
     assert "MODEL_ID=/nonexistent/checkpoint" in worker.log
