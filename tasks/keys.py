@@ -41,7 +41,7 @@ def resolve(request: RenderRequest, served_model: str, task_id: str, limits: Lim
         raise _invalid(f"model: {model!r} is not served by this queue; available: {', '.join(limits.models)}")
     if request.webhook_url is not None:
         try:
-            check_url(request.webhook_url, limits.webhooks)
+            check_url(request.webhook_url, limits.webhooks, resolve=False)  # no DNS here: the delivery resolves
         except ValueError as exc:
             raise _invalid(f"webhook_url: {exc}") from None
     # ``force`` and ``webhook_url`` decide what happens around the render, not its pixels or key.

@@ -25,6 +25,7 @@ from tasks.errors import (
     RenderTimeout,
     TransientError,
 )
+from tasks.webhook import RedactingTask
 
 __all__ = ["render", "use_pipeline", "Pipeline"]
 
@@ -35,6 +36,7 @@ _pipeline: Pipeline | None = None
 
 @app.task(
     bind=True,
+    base=RedactingTask,  # a webhook_url's query (a token?) never shows in events or logs
     name="tasks.render",
     autoretry_for=(TransientError,),
     retry_backoff=2,

@@ -2,11 +2,16 @@
 
 Policy (``check_url``): ``http``/``https`` only, no credentials in the URL, and the host must be
 on ``WEBHOOK_ALLOWED_HOSTS`` (a host name, ``*.domain`` for its subdomains, an IP address or a
-CIDR network). Every address the host resolves to must be public (not loopback, private,
-link-local, multicast, reserved...) unless that address is itself allow-listed by IP or network:
-naming ``localhost`` alone does not open the loopback interface. The check runs when the request
-is validated (an ``InvalidRequest``, no model time) and again before each delivery, which then
-connects to exactly the addresses it checked (no second DNS lookup to rebind).
+CIDR network), on port 80 or 443 unless the entry names another (``host:8443``, ``host:*``).
+Every address the host resolves to must be public (not loopback, private, link-local, shared,
+reserved, nor an IPv6 address carrying an IPv4 one: NAT64, 6to4, Teredo, IPv4-mapped) unless
+that address is itself allow-listed by IP or network: naming ``localhost`` alone does not open the
+loopback interface. When the request is validated (an ``InvalidRequest``, no model time) the URL
+is checked without resolving its host (no DNS lookup on the render path, and a name that does not
+resolve yet is not a bad request); each delivery checks it again, resolving, retries a name that
+does not resolve like a connection error, and connects to exactly the addresses it checked (no
+second DNS lookup to rebind). ``redact`` is how a URL appears in logs and errors: no query, no
+credentials.
 
 Signing (``sign`` / ``verify``): the body is JSON carrying a ``timestamp``; the signature is
 HMAC-SHA256 of the raw body with ``WEBHOOK_SECRET``, sent as ``X-Renderfarm-Signature:
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery import Task
+
 __all__ = [
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
@@ -35,6 +42,8 @@ __all__ = [
     "Target",
     "UnresolvedHost",
     "check_url",
+    "redact",
+    "RedactingTask",
     "body_for",
     "sign",
     "verify",
@@ -54,44 +63,113 @@ class UnresolvedHost(ValueError):
     """The host name did not resolve (perhaps for now: a delivery retries)."""
 
 
+STANDARD_PORTS = (80, 443)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One allow-list entry: an exact name, a ``*.domain`` suffix or an IP network; ``port`` when it names one."""
+
+    name: str | None = None
+    suffix: str | None = None
+    network: IPNetwork | None = None
+    port: int | None = None  # None: ports 80 and 443 only; -1 ("host:*"): any port
+
+    def matches(self, host: str, address: IPAddress | None) -> bool:
+        if address is not None:
+            return self.network is not None and address in self.network
+        if self.name is not None:
+            return host == self.name
+        return self.suffix is not None and host.endswith(self.suffix)
+
+    def opens(self, port: int) -> bool:
+        return port in STANDARD_PORTS or self.port in (-1, port)
+
+    def __str__(self) -> str:
+        if self.network is not None:
+            single = self.network.num_addresses == 1
+            host = str(self.network.network_address if single else self.network)
+        else:
+            host = self.name or f"*{self.suffix}"
+        if self.port is None:
+            return host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{'*' if self.port == -1 else self.port}"
+
+
 @dataclass(frozen=True)
 class WebhookPolicy:
-    """The deployment's webhook settings: the allow-list, parsed, and whether a secret is set."""
+    """The deployment's webhook settings: the allow-list, parsed, and whether a secret is set.
 
-    names: tuple[str, ...] = ()  # exact host names, lower case
-    suffixes: tuple[str, ...] = ()  # from "*.example.com": ".example.com"
-    networks: tuple[IPNetwork, ...] = ()  # from IP addresses and CIDR networks
+    Entries (``WEBHOOK_ALLOWED_HOSTS``, comma-separated): ``hooks.example.com``, ``*.example.com``
+    (its subdomains), ``203.0.113.7``, ``203.0.113.0/24``, ``[2001:db8::1]``. Such an entry opens
+    ports 80 and 443; ``host:8443`` opens that port too, ``host:*`` every port.
+    """
+
+    entries: tuple[_Entry, ...] = ()
     enabled: bool = False
 
     @classmethod
     def parse(cls, allowed_hosts: str, secret: str | None) -> WebhookPolicy:
-        names, suffixes, networks = [], [], []
-        for raw in allowed_hosts.split(","):
-            entry = raw.strip().lower().rstrip(".")
-            if not entry:
-                continue
-            if entry.startswith("*."):
-                suffixes.append(entry[1:])
-                continue
-            try:
-                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            except ValueError:
-                names.append(entry)
-        return cls(tuple(names), tuple(suffixes), tuple(networks), bool(secret))
+        return cls(tuple(_parse_entry(raw) for raw in allowed_hosts.split(",") if raw.strip()), bool(secret))
 
-    def host_allowed(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return host in self.names or any(host.endswith(suffix) for suffix in self.suffixes)
-        return self.address_listed(address)
+    def host_allowed(self, host: str, port: int | None = None) -> bool:
+        """``host`` is listed, and ``port`` (when given) is open for it."""
+        address = _ip(host)
+        return any(e.matches(host, address) and (port is None or e.opens(port)) for e in self.entries)
 
     def address_listed(self, address: IPAddress) -> bool:
-        return any(address in network for network in self.networks)
+        return any(e.network is not None and address in e.network for e in self.entries)
 
     def describe(self) -> str:
-        entries = [*self.names, *(f"*{s}" for s in self.suffixes), *(str(n) for n in self.networks)]
-        return ", ".join(entries) or "(empty)"
+        return ", ".join(str(e) for e in self.entries) or "(empty)"
+
+
+def _parse_entry(raw: str) -> _Entry:
+    entry = raw.strip().lower()
+    port: int | None = None
+    if entry.startswith("["):  # [v6] or [v6]:port
+        host, _, rest = entry[1:].partition("]")
+        if rest.startswith(":"):
+            port = -1 if rest[1:] == "*" else int(rest[1:]) if rest[1:].isdigit() else None
+        entry = host
+    elif entry.count(":") == 1:  # name:port, a.b.c.d:port, cidr:port (a bare IPv6 has several colons)
+        host, _, tail = entry.partition(":")
+        if tail == "*" or tail.isdigit():
+            entry, port = host, (-1 if tail == "*" else int(tail))
+    entry = entry.rstrip(".")
+    if entry.startswith("*."):
+        return _Entry(suffix=entry[1:], port=port)
+    try:
+        return _Entry(network=ipaddress.ip_network(entry, strict=False), port=port)
+    except ValueError:
+        return _Entry(name=entry, port=port)
+
+
+def _ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+# IPv6 ranges that carry an IPv4 address inside (NAT64, 6to4, Teredo, IPv4-mapped and -compatible):
+# a public-looking IPv6 address that reaches an internal IPv4 one.
+_IPV4_IN_IPV6 = tuple(
+    ipaddress.ip_network(n)
+    for n in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::ffff:0:0/96", "::/96")
+)
+
+
+def _internal(address: IPAddress) -> str | None:
+    """Why a delivery must not connect to ``address`` unless it is listed by IP or network; None if it may."""
+    if not address.is_global:
+        return "an internal address (loopback, private, link-local, shared or reserved)"
+    if isinstance(address, ipaddress.IPv6Address) and any(address in n for n in _IPV4_IN_IPV6):
+        inside = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
+        inside = inside or ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)  # NAT64, IPv4-compatible: the low 32 bits
+        return f"an IPv6 address with an IPv4 address inside ({inside}: NAT64, 6to4, Teredo or IPv4-mapped)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,7 +180,7 @@ class Target:
     scheme: str
     host: str
     port: int
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # checked addresses to connect to; empty when checked without resolving
 
 
 def check_url(url: str, policy: WebhookPolicy, resolve: bool = True) -> Target:
@@ -128,15 +206,47 @@ def check_url(url: str, policy: WebhookPolicy, resolve: bool = True) -> Target:
             f"host {host!r} is not allowed; this deployment allows: {policy.describe()} (WEBHOOK_ALLOWED_HOSTS)"
         )
     port = port or (443 if parts.scheme == "https" else 80)
-    addresses = _addresses(host, port) if resolve else ()
+    if not policy.host_allowed(host, port):
+        raise ValueError(
+            f"port {port} of host {host!r} is not allowed: only {' and '.join(map(str, STANDARD_PORTS))}, unless "
+            f"WEBHOOK_ALLOWED_HOSTS names it ({host}:{port}); this deployment allows: {policy.describe()}"
+        )
+    literal = _ip(host)
+    addresses = _addresses(host, port) if resolve else ((host,) if literal is not None else ())
     for text in addresses:
         address = ipaddress.ip_address(text.split("%", 1)[0])
-        if not address.is_global and not policy.address_listed(address):
+        if (why := _internal(address)) is not None and not policy.address_listed(address):
+            said = f"is {address}" if literal is not None else f"resolves to {address}"
             raise ValueError(
-                f"host {host!r} resolves to {address}, an internal address (loopback, private, link-local or "
-                "reserved); allow it explicitly by IP or network in WEBHOOK_ALLOWED_HOSTS"
+                f"host {host!r} {said}, {why}; allow it explicitly by IP or network in WEBHOOK_ALLOWED_HOSTS"
             )
     return Target(url, parts.scheme, host, port, addresses)
+
+
+def redact(url: str) -> str:
+    """``url`` for logs and errors: scheme, host, port and path; the query (tokens) and credentials are dropped."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return "(an invalid URL)"
+    return f"{parts.scheme}://{netloc}{parts.path}" + ("?..." if parts.query else "")
+
+
+class RedactingTask(Task):
+    """A task whose ``url`` / ``webhook_url`` argument shows redacted where Celery shows arguments:
+    the ``kwargsrepr`` of its messages, which events (Flower) and worker logs print."""
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        if isinstance(kwargs, dict) and options.get("kwargsrepr") is None:
+            shown = {
+                k: redact(v) if k in ("url", "webhook_url") and isinstance(v, str) else v for k, v in kwargs.items()
+            }
+            options["kwargsrepr"] = repr(shown)
+        return super().apply_async(args, kwargs, *rest, **options)
 
 
 def _addresses(host: str, port: int) -> tuple[str, ...]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
+import threading
 import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ __all__ = [
     "minio_client",
     "wait_for",
     "wait_for_denoising",
+    "watch_events",
 ]
 
 # A worker started with this environment paces every render step to at least 0.1 s (tests/pacing.py),
@@ -40,6 +45,35 @@ def wait_for_denoising(result, timeout: float = 120) -> None:
         return result.state == "PROGRESS" and (result.info or {}).get("stage") == "denoising"
 
     wait_for(denoising, timeout, "the render to reach the denoising stage")
+
+
+@contextlib.contextmanager
+def watch_events(app: Any, handlers: dict[str, Callable[[dict], None]]) -> Iterator[None]:
+    """Celery events to ``handlers`` from a background receiver, subscribed before the block runs.
+
+    Subscribed means: a marker event this sends came back through the broker to the receiver
+    (no sleep standing in for it).
+    """
+    marker = f"renderfarm-test-sync-{uuid.uuid4().hex}"
+    synced = threading.Event()
+
+    def on_any(event: dict) -> None:
+        if event.get("type") == marker:
+            synced.set()
+        elif (handler := handlers.get(event.get("type", ""), handlers.get("*"))) is not None:
+            handler(event)
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": on_any})
+        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": True}, daemon=True)
+        listener.start()
+        try:
+            with app.events.default_dispatcher() as dispatcher:
+                wait_for(lambda: dispatcher.send(marker) or synced.wait(0.2), 30, "the event receiver to subscribe")
+            yield
+        finally:
+            receiver.should_stop = True
+            listener.join(10)
 
 
 def minio_client(server: S3Server):

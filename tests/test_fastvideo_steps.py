@@ -6,11 +6,8 @@ peak memory measured there. Run in .venv-fastvideo (``make test-fastvideo``); sk
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -19,7 +16,7 @@ from celery import Celery
 
 from tasks.cancel import cancel
 from tests.fastvideo_support import command_line, fastvideo_workers, ray_processes
-from tests.support import free_port, wait_for
+from tests.support import free_port, wait_for, watch_events
 from tests.test_monitoring import scrape, value
 
 try:
@@ -52,29 +49,14 @@ def model_process(worker, executor: str) -> psutil.Process:
     return actor
 
 
-@contextlib.contextmanager
-def progress_events(producer: Celery) -> Iterator[list[dict]]:
-    """task-progress events, collected in the background while the block runs."""
-    seen: list[dict] = []
-    with producer.connection_for_read() as conn:
-        receiver = producer.events.Receiver(conn, handlers={"task-progress": seen.append})
-        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": True}, daemon=True)
-        listener.start()
-        time.sleep(1)  # subscribed before the render starts
-        try:
-            yield seen
-        finally:
-            receiver.should_stop = True
-            listener.join(10)
-
-
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_every_denoising_step_reaches_the_task_state_events_and_metrics(start_worker, producer: Celery, executor):
     worker, port = start_fastvideo(start_worker, executor)
     steps = 200
     request = {"prompt": "steps", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": steps}
     infos: list[dict] = []
-    with progress_events(producer) as events:
+    events: list[dict] = []
+    with watch_events(producer, {"task-progress": events.append}):
         result = producer.send_task("tasks.render", kwargs=request, queue="render")
         while not result.ready():
             info = result.info

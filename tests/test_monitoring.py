@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import PACED, free_port, wait_for
+from tests.support import PACED, free_port, wait_for, watch_events
 
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 1}
 SLOW = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 30}  # paced: 3 s or more
@@ -119,7 +118,7 @@ def test_json_logs_carry_the_task_id_on_every_line_of_a_render(start_worker, pro
     from tests.test_webhooks import SECRET, Receiver
 
     hook = Receiver()  # the webhook hook logs through a plain logging logger, not Celery's task logger
-    worker = start_worker(LOG_FORMAT="json", WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+    worker = start_worker(LOG_FORMAT="json", WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="127.0.0.1:*")
     try:
         result = send(producer, prompt="a json line", webhook_url=hook.url, **SMALL)
         result.get(timeout=60)
@@ -192,8 +191,6 @@ def test_failure_reasons_map_the_error_hierarchy():
 
 
 def test_flower_sees_each_renders_stage_through_task_progress_events(start_worker, producer):
-    import threading
-
     start_worker(**PACED)
     state = producer.events.State()  # what Flower keeps, fed by the same events
     progress: list[dict] = []
@@ -203,17 +200,12 @@ def test_flower_sees_each_renders_stage_through_task_progress_events(start_worke
         if event["type"] == "task-progress":
             progress.append(event)
 
-    with producer.connection_for_read() as conn:
-        receiver = producer.events.Receiver(conn, handlers={"*": on_event})
-        listener = threading.Thread(target=receiver.capture, kwargs={"wakeup": True}, daemon=True)
-        listener.start()
-        time.sleep(1)  # subscribed before the render starts
+    with watch_events(producer, {"*": on_event}):
         result = send(producer, prompt="watched", seed=9, **WATCHED)
         result.get(timeout=60)
         wait_for(
             lambda: (t := state.tasks.get(result.id)) is not None and t.state == "SUCCESS", 30, "the success event"
         )
-        receiver.should_stop = True
 
     # Updates go out at most every 0.1 s, the latest winning (tasks/pipeline/progress.py): the paced steps
     # (0.1 s each) are seen; short stages may be superseded, by a later stage or by the final state.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,25 +17,25 @@ from tasks.errors import InvalidRequest
 from tasks.keys import object_key, resolve
 from tasks.schemas import Limits, parse_request
 from tasks.webhook import WebhookPolicy, check_url, verify
-from tests.support import wait_for
+from tests.support import free_port, wait_for, watch_events
 
 SECRET = "test-webhook-secret"
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 1}
 
 
 class Receiver:
-    """A real HTTP server on loopback that records each POST; the first ``fail`` answers are 503."""
+    """A real HTTP server on loopback that records each POST; the first ``fail`` answers are ``fail_status``."""
 
-    def __init__(self, fail: int = 0, status: int = 200) -> None:
+    def __init__(self, fail: int = 0, status: int = 200, fail_status: int = 503) -> None:
         self.deliveries: list[tuple[dict[str, str], bytes]] = []
-        self.fail, self.status = fail, status
+        self.fail, self.status, self.fail_status = fail, status, fail_status
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.deliveries.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                code = 503 if len(receiver.deliveries) <= receiver.fail else receiver.status
+                code = receiver.fail_status if len(receiver.deliveries) <= receiver.fail else receiver.status
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -69,7 +71,8 @@ def send(producer, kwargs: dict):
 
 
 def webhook_worker(start_worker, **env: str):
-    return start_worker(**{"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", **env})
+    # The receivers listen on random ports: "127.0.0.1:*" opens them all (a bare host opens 80 and 443 only).
+    return start_worker(**{"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", **env})
 
 
 def check_signature(headers: dict[str, str], body: bytes) -> dict:
@@ -100,18 +103,19 @@ def test_success_posts_the_signed_result_and_the_url_does_not_change_the_key(sta
     # The same request without a webhook is the same video: served from storage under the same key.
     plain = send(producer, {"prompt": "hooked", "seed": 4, **SMALL}).get(timeout=60)
     assert plain["cached"] is True and plain["key"] == value["key"]
-    time.sleep(1)
+    # A barrier: deliveries run on the render queue at the top priority, so one queued for either
+    # render would have run before this next render did.
+    send(producer, {"prompt": "barrier", **SMALL}).get(timeout=60)
     assert len(hook.deliveries) == 1
 
 
 def test_a_failing_receiver_is_retried_with_backoff_until_it_accepts(start_worker, producer, receiver):
     hook = receiver(fail=2)
-    webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
+    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
     result = send(producer, {"prompt": "retry me", "webhook_url": hook.url, **SMALL})
     result.get(timeout=60)
-    wait_for(lambda: len(hook.deliveries) >= 3, 60, "three delivery attempts")
-    time.sleep(2)
-    assert len(hook.deliveries) == 3  # two 503s, then accepted: no more
+    wait_for(lambda: "webhook render.succeeded delivered to" in worker.log, 60, "the delivery to succeed")
+    assert len(hook.deliveries) == 3  # two 503s, then accepted: the delivery ended, no more
     payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
     assert [h["x-renderfarm-attempt"] for h, _ in hook.deliveries] == ["1", "2", "3"]
     assert {p["delivery_id"] for p in payloads} == {f"{result.id}:render.succeeded"}
@@ -134,14 +138,44 @@ def test_a_disallowed_webhook_is_rejected_before_any_render(start_worker, produc
     for url, message in [
         ("http://evil.example.com/hook", "host 'evil.example.com' is not allowed"),
         ("http://169.254.169.254/latest/meta-data", "host '169.254.169.254' is not allowed"),
-        ("http://localhost:8/hook", "resolves to 127.0.0.1, an internal address"),  # a listed name, an unlisted address
+        ("http://localhost:8/hook", "port 8 of host 'localhost' is not allowed"),  # a listed name, another port
+        ("http://127.0.0.2/hook", "host '127.0.0.2' is 127.0.0.2, an internal address"),  # listed only by name
     ]:
         result = send(producer, {"prompt": "x", "webhook_url": url, **SMALL})
         with pytest.raises(Exception, match="webhook_url: ") as raised:
             result.get(timeout=60)
         assert type(raised.value).__name__ == "InvalidRequest" and message in str(raised.value), raised.value
-    time.sleep(1)
-    assert worker.log.count("no webhook for") == 3 and "webhook render.failed queued" not in worker.log
+        assert str(raised.value).startswith("invalid render request: webhook_url: ")
+    wait_for(lambda: worker.log.count("no webhook for") == 4, 30, "each refusal to be logged")
+    assert "webhook render.failed queued" not in worker.log
+
+
+def test_a_listed_name_that_resolves_inside_is_refused_at_delivery_not_at_submit(start_worker, producer, receiver):
+    hook = receiver()
+    worker = webhook_worker(start_worker, WEBHOOK_ALLOWED_HOSTS="localhost:*")  # the name, not the address
+    url = hook.url.replace("127.0.0.1", "localhost")
+    result = send(producer, {"prompt": "x", "webhook_url": url, **SMALL})
+    assert result.get(timeout=60)["key"]  # no DNS lookup at submit: the render ran
+    wait_for(lambda: "resolves to 127.0.0.1, an internal address" in worker.log, 60, "the delivery's refusal")
+    assert hook.deliveries == [] and "WebhookRejected" in worker.log
+
+
+def test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_never_shows(start_worker, producer):
+    token = "tok-5ecret-a1b2"
+    worker = webhook_worker(
+        start_worker, WEBHOOK_ALLOWED_HOSTS="hooks.invalid", WEBHOOK_RETRY_BACKOFF_S="1", WEBHOOK_MAX_RETRIES="2"
+    )
+    url = f"https://hooks.invalid/render?token={token}"  # .invalid never resolves (RFC 6761)
+    received: list[dict] = []
+    with watch_events(producer, {"task-received": received.append}):
+        result = send(producer, {"prompt": "x", "webhook_url": url, **SMALL})
+        assert result.get(timeout=60)["key"]  # accepted: an allow-listed name need not resolve at submit
+        wait_for(lambda: "raised unexpected: WebhookFailed" in worker.log, 90, "the delivery to give up")
+    assert worker.log.count("tasks.deliver_webhook[") >= 3 and worker.log.count("Retry in") == 2  # 1 + 2 retries
+    assert "host 'hooks.invalid' does not resolve" in worker.log
+    assert "https://hooks.invalid/render?..." in worker.log and token not in worker.log
+    shown = [e["kwargs"] for e in received if e.get("name") in ("tasks.render", "tasks.deliver_webhook")]
+    assert len(shown) >= 4 and all(token not in text and "hooks.invalid/render?..." in text for text in shown), shown
 
 
 def limits(allowed: str, secret: str | None = SECRET) -> Limits:
@@ -153,14 +187,23 @@ def limits(allowed: str, secret: str | None = SECRET) -> Limits:
     ("url", "allowed", "message"),
     [
         ("http://127.0.0.1:9/h", "", "not allowed"),
-        ("http://127.0.0.1:9/h", "127.0.0.1", None),
+        ("http://127.0.0.1:9/h", "127.0.0.1:9", None),
+        ("http://127.0.0.1:9/h", "127.0.0.1", "port 9 of host '127.0.0.1' is not allowed"),
+        ("http://127.0.0.1:9/h", "127.0.0.1:*", None),
+        ("https://127.0.0.1/h", "127.0.0.1", None),  # 443, and 80, are open for any listed host
         ("http://10.1.2.3/h", "10.0.0.0/8", None),
+        ("http://10.1.2.3:8080/h", "10.0.0.0/8:8080", None),
         ("http://10.1.2.3/h", "*.example.com", "not allowed"),
         ("http://[::1]:9/h", "localhost", "not allowed"),
-        ("http://[::1]:9/h", "::1", None),
+        ("http://[::1]:9/h", "[::1]:9", None),
+        ("http://[::1]/h", "::1", None),
         ("http://user:pw@127.0.0.1/h", "127.0.0.1", "credentials"),
         ("ftp://127.0.0.1/h", "127.0.0.1", "http"),
         ("http://127.0.0.1/h#frag", "127.0.0.1", "fragment"),
+        # Public-looking IPv6 addresses that carry an internal IPv4 one are refused unless listed by IP.
+        ("http://[64:ff9b::7f00:1]/h", "*.example.com,64:ff9b::/96", None),
+        ("http://[64:ff9b::a00:1]/h", "[64:ff9b::a00:1]", None),
+        ("http://100.64.0.1/h", "100.64.0.1", None),
     ],
 )
 def test_webhook_url_policy(url, allowed, message):
@@ -178,6 +221,29 @@ def test_webhook_url_policy(url, allowed, message):
             resolve(request, "tiny-wan", "t", limits(allowed))
 
 
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::7f00:1", "64:ff9b:1::a00:1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+     "::ffff:127.0.0.1", "::127.0.0.1", "100.64.0.1", "fd00::1"],
+)  # fmt: skip
+def test_a_name_resolving_to_an_address_that_reaches_inside_is_refused(address, monkeypatch):
+    import socket
+
+    def resolve_to(host, port, *args, **kwargs):  # a DNS answer, without a DNS server
+        return [(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve_to)
+    policy = WebhookPolicy.parse("hooks.example.com", SECRET)
+    with pytest.raises(
+        ValueError,
+        match=rf"resolves to {re.escape(str(ipaddress.ip_address(address)))}, an (IPv6 address with an IPv4|internal)",
+    ):
+        check_url("http://hooks.example.com/h", policy)
+    assert check_url(
+        "http://hooks.example.com/h", WebhookPolicy.parse(f"hooks.example.com,[{address}]", SECRET)
+    ).addresses
+
+
 def test_webhooks_are_refused_without_a_secret():
     with pytest.raises(InvalidRequest, match="WEBHOOK_SECRET is not set"):
         resolve(parse_request({"prompt": "x", "webhook_url": "http://127.0.0.1/h"}), "tiny-wan", "t",
@@ -188,7 +254,7 @@ def test_webhooks_are_refused_without_a_secret():
 
 def test_a_separate_webhook_queue_is_served_by_a_light_threads_worker(start_worker, producer, receiver):
     hook = receiver()
-    env = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", "WEBHOOK_QUEUE": "webhooks"}
+    env = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
     renderer = start_worker(**env)
     notifier = start_worker(wait=False, args=("-Q", "webhooks", "--pool=threads", "--concurrency=4"), **env)
     wait_for(lambda: " ready." in notifier.log, 60, "the webhook worker")
@@ -209,3 +275,27 @@ def test_buffer_mode_posts_once_the_background_upload_stored_the_video(start_wor
     payload = check_signature(*hook.deliveries[0])
     assert payload["event"] == "render.succeeded" and payload["result"]["key"] == value["key"]
     assert "uploading" in payload["result"]["timings"]  # sent after the upload, not at hand-over
+
+
+def test_each_answer_of_a_receiver_ends_or_retries_the_delivery_as_documented(start_worker, producer, receiver):
+    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
+    retried = {code: receiver(fail=1, fail_status=code) for code in (408, 425, 429, 500)}  # then 200
+    final = {code: receiver(status=code) for code in (301, 400, 404, 410)}  # said no: never again
+    for hook in [*retried.values(), *final.values()]:
+        send(producer, {"prompt": "answers", "webhook_url": hook.url, **SMALL}).get(timeout=60)
+    wait_for(lambda: all(len(h.deliveries) == 2 for h in retried.values()), 90, "each retried delivery's 2nd try")
+    wait_for(lambda: worker.log.count("refused the delivery") == len(final), 60, "each refusal")
+    send(producer, {"prompt": "barrier", **SMALL}).get(timeout=60)  # deliveries run before the next render
+    assert {code: len(h.deliveries) for code, h in final.items()} == dict.fromkeys(final, 1)
+    for code in final:
+        assert f"refused the delivery: HTTP {code} (not retried)" in worker.log
+
+
+def test_a_receiver_down_until_the_retries_run_out_fails_the_delivery_not_the_render(start_worker, producer):
+    down = f"http://127.0.0.1:{free_port()}/hooks/render"  # nothing listens there
+    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1", WEBHOOK_MAX_RETRIES="2")
+    result = send(producer, {"prompt": "nobody listens", "webhook_url": down, **SMALL})
+    assert result.get(timeout=60)["key"]  # the render's own outcome stands
+    wait_for(lambda: "raised unexpected: WebhookFailed" in worker.log, 90, "the delivery to give up")
+    assert worker.log.count("Retry in") == 2 and "unreachable" in worker.log
+    assert producer.AsyncResult(result.id).state == "SUCCESS"

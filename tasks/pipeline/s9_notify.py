@@ -21,7 +21,7 @@ from celery import signals
 
 from tasks.pipeline.events import render_stored
 from tasks.pipeline.resources import webhook_policy
-from tasks.webhook import UnresolvedHost, check_url
+from tasks.webhook import check_url
 from worker_config.celery_config import PRIORITIES
 from worker_config.settings import get_settings
 
@@ -47,10 +47,8 @@ def _queue(url: Any, payload: dict[str, Any]) -> None:
 
     if not isinstance(url, str):
         return
-    try:  # a URL the request validation refused is never called
-        check_url(url, webhook_policy())
-    except UnresolvedHost:
-        pass  # DNS may be back by the time the delivery (which checks again and retries) runs
+    try:  # a URL the request validation refused is never called; no DNS lookup here (the delivery resolves)
+        check_url(url, webhook_policy(), resolve=False)
     except ValueError as exc:
         log.info("no webhook for %s: %s", payload["task_id"], exc)
         return

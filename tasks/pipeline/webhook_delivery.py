@@ -31,10 +31,12 @@ from tasks.webhook import (
     EVENT_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
+    RedactingTask,
     Target,
     UnresolvedHost,
     body_for,
     check_url,
+    redact,
     sign,
 )
 from worker_config.settings import get_settings
@@ -56,6 +58,7 @@ class WebhookRejected(RenderError):
 
 @app.task(
     bind=True,
+    base=RedactingTask,  # the URL's query (a token?) never shows in events or logs
     name="tasks.deliver_webhook",
     autoretry_for=(WebhookFailed,),
     retry_backoff=_settings.WEBHOOK_RETRY_BACKOFF_S,
@@ -72,9 +75,9 @@ def deliver_webhook(self: Task, url: str, payload: dict[str, Any]) -> dict[str, 
     try:
         target = check_url(url, webhook_policy())
     except UnresolvedHost as exc:
-        raise WebhookFailed(f"webhook {url}: {exc}") from None
+        raise WebhookFailed(f"webhook {redact(url)}: {exc}") from None
     except ValueError as exc:
-        raise WebhookRejected(f"webhook {url} not delivered: {exc}") from None
+        raise WebhookRejected(f"webhook {redact(url)} not delivered: {exc}") from None
     secret = settings.WEBHOOK_SECRET or ""
     body = body_for(payload)
     headers = {
