@@ -19,6 +19,11 @@ __all__ = ["RenderRequest", "RenderResult", "Limits", "parse_request", "MAX_SIDE
 MAX_SIDE = 1920
 MAX_FRAMES = 257
 _ALLOWED_CONTROL = {"\n", "\t"}
+# Format characters (Unicode category Cf) are invisible: zero-width spaces, bidirectional overrides
+# and isolates (U+202A-U+202E, U+2066-U+2069) that make text read differently from what it holds,
+# the byte-order mark, tag characters. Two are kept: the zero-width joiner and non-joiner, which
+# emoji sequences and several scripts (Persian, Hindi, ...) need to be written correctly.
+_ALLOWED_FORMAT = {"\u200c", "\u200d"}
 
 
 def _check_text(value: str, field: str) -> str:
@@ -26,6 +31,13 @@ def _check_text(value: str, field: str) -> str:
     if bad:
         raise ValueError(
             f"{field} contains control character {bad[0]!r}; only printable text, newlines and tabs are allowed"
+        )
+    hidden = [ch for ch in value if unicodedata.category(ch) == "Cf" and ch not in _ALLOWED_FORMAT]
+    if hidden:
+        name = unicodedata.name(hidden[0], "a format character")
+        raise ValueError(
+            f"{field} contains the invisible or bidirectional formatting character U+{ord(hidden[0]):04X} ({name}); "
+            "only printable text, newlines and tabs are allowed (zero-width joiners excepted)"
         )
     return value
 
@@ -37,9 +49,10 @@ class RenderRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=100_000)
     negative_prompt: str | None = Field(None, max_length=100_000)
-    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
-    height: int | None = Field(None, ge=16, le=MAX_SIDE, multiple_of=16)
-    width: int | None = Field(None, ge=16, le=MAX_SIDE, multiple_of=16)
+    # Bounds checked below, all at once: a value that breaks two rules is told both.
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
     num_inference_steps: int | None = Field(None, ge=1, le=200)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
@@ -84,12 +97,38 @@ class RenderRequest(BaseModel):
             raise ValueError("use an absolute http:// or https:// URL")
         return _check_text(value, "webhook_url")
 
+    @field_validator("height", "width")
+    @classmethod
+    def _side(cls, value: int | None) -> int | None:
+        if value is not None:
+            _report(_broken(value, 16, MAX_SIDE, multiple_of=16))
+        return value
+
     @field_validator("num_frames")
     @classmethod
     def _wan_frame_count(cls, value: int | None) -> int | None:
-        if value is not None and value % 4 != 1:
-            raise ValueError(f"Wan needs a frame count of the form 4k+1 (1, 5, 9, ..., 81, ...); {value} is not")
+        if value is not None:
+            problems = _broken(value, 1, MAX_FRAMES)
+            if value % 4 != 1:
+                problems.append(f"Wan needs a frame count of the form 4k+1 (1, 5, 9, ..., 81, ...); {value} is not")
+            _report(problems)
         return value
+
+
+def _broken(value: int, low: int, high: int, multiple_of: int | None = None) -> list[str]:
+    """The bounds ``value`` breaks, in pydantic's words ("Input should be X and Y"); empty when none."""
+    rules = [
+        (value < low, f"greater than or equal to {low}"),
+        (value > high, f"less than or equal to {high}"),
+        (multiple_of is not None and value % multiple_of != 0, f"a multiple of {multiple_of}"),
+    ]
+    broken = [rule for failed, rule in rules if failed]
+    return ["Input should be " + " and ".join(broken)] if broken else []
+
+
+def _report(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class Limits(BaseModel):

@@ -17,3 +17,17 @@ def test_every_request_field_is_documented():
 
     text = (ROOT / "docs" / "api.md").read_text()
     assert not [name for name in RenderRequest.model_fields if f"| `{name}` |" not in text]
+
+
+def test_the_hostile_requests_table_is_what_the_queue_test_sends():
+    from tests.test_bad_input_queue import HOSTILE, POSITIONAL
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    table = text.split("## Hostile requests", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        tuple(cell.strip() for cell in line.strip("|").split(" | ", 1))
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| request |") and "refused by the worker" not in line
+    ]
+    documented = [(label, message.strip("`")) for label, message in rows]
+    assert documented == [(label, expected) for label, _, expected in HOSTILE] + [POSITIONAL]

@@ -39,6 +39,25 @@ BAD_REQUESTS = [
     ({"prompt": "x", "force": "yes"}, "force: Input should be a valid boolean"),
     ({"prompt": "x", "resolution": "4k"}, "resolution: unknown field; allowed fields: prompt, negative_prompt"),
     ({"prompt": "x", "__class__": "os.system"}, "__class__: unknown field"),
+    # Invisible and bidirectional formatting characters: text that reads otherwise than it is.
+    (
+        {"prompt": "pay \u202egnp.exe"},
+        "prompt: prompt contains the invisible or bidirectional formatting character "
+        "U+202E (RIGHT-TO-LEFT OVERRIDE); only printable text",
+    ),
+    (
+        {"prompt": "a\u200bcat"},
+        "prompt contains the invisible or bidirectional formatting character U+200B (ZERO WIDTH",
+    ),
+    ({"prompt": "a\u2066cat\u2069"}, "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+    ({"prompt": "x", "negative_prompt": "\ufeffblur"}, "negative_prompt: negative_prompt contains the invisible"),
+    # A value that breaks two rules is told both.
+    ({"prompt": "x", "height": -1}, "height: Input should be greater than or equal to 16 and a multiple of 16"),
+    (
+        {"prompt": "x", "num_frames": 10_000},
+        "num_frames: Input should be less than or equal to 257; Wan needs a "
+        "frame count of the form 4k+1 (1, 5, 9, ..., 81, ...); 10000 is not",
+    ),
 ]
 
 
@@ -55,6 +74,15 @@ def test_every_problem_is_reported_at_once():
         parse_request({"prompt": "x", "height": 17, "width": 9, "extra": 1})
     message = str(info.value)
     assert "height:" in message and "width:" in message and "extra: unknown field" in message
+
+
+def test_joiners_that_scripts_and_emoji_need_are_printable_text():
+    for prompt in (
+        "می\u200cخواهم یک گربه",
+        "क्\u200dष",
+        "a family \U0001f468\u200d\U0001f469\u200d\U0001f467 at the beach",
+    ):
+        assert parse_request({"prompt": prompt}).prompt == prompt
 
 
 def test_good_request_keeps_values_and_normalises_numbers():
