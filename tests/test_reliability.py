@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
+import pytest
 from celery import Celery
 
 from tests.support import PACED, RedisServer, S3Server, free_port, minio_client, wait_for
@@ -15,7 +19,7 @@ def test_storage_down_retries_the_upload_without_rendering_again(start_worker, p
                           STORAGE_TIMEOUT_S="1")  # fmt: skip
     result = producer.send_task("tasks.render", kwargs={"prompt": "stored later", "seed": 5}, queue="render")
     wait_for(lambda: "Retry in" in worker.log, 90, "the upload to be retried")
-    assert result.state in ("PENDING", "RETRY", "STARTED", "PROGRESS")
+    assert result.state in ("RETRY", "STARTED", "PROGRESS")  # started (it failed an upload), neither done nor failed
     assert "StorageUnavailable" in worker.log and f"127.0.0.1:{port}" in worker.log
 
     s3 = S3Server(port=port)  # storage comes back
@@ -82,3 +86,61 @@ def test_a_request_sent_again_under_its_task_id_is_served_from_storage(start_wor
     assert rendered["cached"] is False and worker.log.count("(cached=False)") == 1  # rendered once
     assert producer.AsyncResult(first.id).get(timeout=60)["key"] == rendered["key"]  # still the one result
     assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [rendered["key"]]
+
+
+class RefusingStorage:
+    """An S3 endpoint that refuses every request with 403 AccessDenied, as a bucket policy would."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        refused = self.refused = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _refuse(self) -> None:
+                refused.append(self.command)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                body = b"" if self.command == "HEAD" else (
+                    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                    b"<Message>Access Denied.</Message><RequestId>1</RequestId></Error>"
+                )  # fmt: skip
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_storage_refusing_writes_is_retried_then_fails_with_the_video_kept_in_the_spool(
+    start_worker, producer: Celery, worker_env
+):
+    storage = RefusingStorage()
+    try:
+        worker = start_worker(MINIO_ENDPOINT=storage.endpoint, MINIO_PUBLIC_ENDPOINT=storage.endpoint,
+                              STORAGE_MAX_RETRIES="1")  # fmt: skip
+        result = producer.send_task("tasks.render", kwargs={"prompt": "refused", "seed": 6}, queue="render")
+        with pytest.raises(Exception) as info:
+            result.get(timeout=120)
+        assert type(info.value).__name__ == "StorageUnavailable" and "AccessDenied" in str(info.value)
+        assert worker.log.count("Retry in") == 1  # STORAGE_MAX_RETRIES=1: one retry, then the failure
+        assert worker.log.count(": render tiny-wan:") == 2 and worker.log.count("in the spool from an earlier") == 1
+        assert "PUT" in storage.refused
+        # The MP4 stays in the spool (removed after SPOOL_MAX_AGE_S) for an operator to recover.
+        assert len(list(Path(worker_env["SPOOL_DIR"]).glob("*.mp4"))) == 1
+    finally:
+        storage.close()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from celery import Celery
 
-from tests.support import SlowS3Proxy, wait_for
+from tests.support import SlowS3Proxy, free_port, wait_for
 from worker_config.celery_config import celery_config
 from worker_config.settings import Settings
 
@@ -94,3 +98,70 @@ def test_recycled_pool_process_loads_the_model_again_and_loses_nothing(
         [first["key"], second["key"]]
     )
     assert first["peak_memory_mb"] > 50 and first["memory_source"] == "rss"
+
+
+def test_buffer_mode_giving_up_on_storage_is_a_failure_the_webhook_and_the_metrics_see(
+    start_worker, producer: Celery, worker_env
+):
+    from tests.test_monitoring import scrape, value
+    from tests.test_webhooks import SECRET, Receiver, check_signature
+
+    hook, port, dead = Receiver(), free_port(), f"127.0.0.1:{free_port()}"  # nothing listens there: storage down
+    try:
+        worker = start_worker(
+            WORKER_MODE="buffer", MINIO_ENDPOINT=dead, MINIO_PUBLIC_ENDPOINT=dead, STORAGE_TIMEOUT_S="1",
+            STORAGE_MAX_RETRIES="0", METRICS_PORT=str(port), WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="127.0.0.1:*",
+        )  # fmt: skip
+        result = producer.send_task(
+            "tasks.render", kwargs={"prompt": "never stored", "webhook_url": hook.url}, queue="render"
+        )
+        with pytest.raises(Exception) as info:
+            result.get(timeout=120)
+        assert type(info.value).__name__ == "StorageUnavailable" and dead in str(info.value)
+        assert "giving up on" in worker.log
+        wait_for(lambda: hook.deliveries, 60, "the render.failed webhook")
+        payload = check_signature(*hook.deliveries[0])
+        assert payload["event"] == "render.failed" and payload["error"]["type"] == "StorageUnavailable"
+        wait_for(lambda: value(scrape(port), "renderfarm_renders_total", outcome="storage") == 1, 30, "the metric")
+        spool = Path(worker_env["SPOOL_DIR"])
+        assert [p for p in spool.iterdir() if p.is_file()] == []  # nothing will come back for it
+    finally:
+        hook.close()
+
+
+def test_a_buffer_mode_retry_on_another_host_renders_the_video_again(
+    start_worker, producer: Celery, s3, bucket, tmp_path
+):
+    dead = f"127.0.0.1:{free_port()}"
+    first = start_worker(
+        WORKER_MODE="buffer", MINIO_ENDPOINT=dead, MINIO_PUBLIC_ENDPOINT=dead, STORAGE_TIMEOUT_S="1",
+        SPOOL_DIR=str(tmp_path / "first-host"),
+    )  # fmt: skip
+    result = producer.send_task("tasks.render", kwargs={"prompt": "moves host", "seed": 8}, queue="render")
+    wait_for(lambda: "sent again in" in first.log, 120, "the failed upload to send the task again")
+    assert first.stop() == 0  # the first host goes away with the video in its spool
+    assert list((tmp_path / "first-host").glob("*.mp4"))
+    second = start_worker(SPOOL_DIR=str(tmp_path / "second-host"))  # healthy storage, an empty spool
+    done = result.get(timeout=180)
+    assert done["worker"] == second.hostname and "denoising" in done["timings"]  # rendered again here
+    assert "in the spool from an earlier attempt" not in second.log
+    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+
+
+def test_the_spool_forgets_what_nothing_will_come_back_for(start_worker, worker_env):
+    spool = Path(worker_env["SPOOL_DIR"])
+    spool.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that is no more
+    old_video, old_meta = spool / ("0" * 64 + ".mp4"), spool / ("0" * 64 + ".json")
+    fresh_video, fresh_meta = spool / ("1" * 64 + ".mp4"), spool / ("1" * 64 + ".json")
+    orphan = spool / f"{'2' * 64}.mp4.{gone.pid}.part"
+    for path in (old_video, old_meta, fresh_video, fresh_meta, orphan):
+        path.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    for path in (old_video, old_meta):
+        os.utime(path, (two_days_ago, two_days_ago))
+
+    worker = start_worker(SPOOL_MAX_AGE_S="86400")
+    assert sorted(p.name for p in spool.iterdir() if p.is_file()) == sorted([fresh_video.name, fresh_meta.name])
+    assert "spool: removed 3 stale file(s)" in worker.log

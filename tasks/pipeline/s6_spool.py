@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 __all__ = ["SpooledVideo", "Spool"]
 
@@ -50,3 +53,30 @@ class Spool:
     def discard(self, key: str) -> None:
         for path in (self._meta_path(key), self.video_path(key)):
             path.unlink(missing_ok=True)
+
+    def sweep(self, max_age_s: float) -> list[Path]:
+        """Remove what no attempt will come back for; return what went.
+
+        A spooled video older than ``max_age_s`` belongs to a task that gave up, or whose retry ran
+        on another host (which renders it again: the spool is per host). A ``.part`` file
+        (``<name>.<pid>.part``, being written) whose process is gone was left by a killed process.
+        """
+        now = time.time()
+        removed = []
+        for path in self.directory.iterdir():
+            try:
+                if not path.is_file():
+                    continue
+                age = now - path.stat().st_mtime
+            except OSError:  # removed meanwhile
+                continue
+            if path.name.endswith(".part"):
+                pid = path.name.rsplit(".", 2)[-2] if path.name.count(".") >= 2 else ""
+                gone = pid.isdigit() and not psutil.pid_exists(int(pid))
+                stale = gone or age > max_age_s
+            else:
+                stale = path.suffix in (".mp4", ".json") and age > max_age_s
+            if stale:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed

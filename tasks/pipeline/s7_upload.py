@@ -4,7 +4,10 @@
 ``WORKER_MODE=buffer``: ``hand_over_upload`` gives it to a background thread and the task returns
 at once, so the GPU renders the next video while this one uploads; the thread writes ``SUCCESS``
 once the object is stored. If storage fails there, the task is sent again (same id, one more
-retry) with Celery's countdown: the normal path finds the MP4 in the spool and retries the upload.
+retry) with Celery's countdown: the normal path finds the MP4 in the spool and retries the upload,
+if the retry lands on this host; on another host it renders the video again (same key, same
+bytes). After ``STORAGE_MAX_RETRIES`` the task fails with ``StorageUnavailable``, its
+``task_failure`` signal sent (metrics, the ``render.failed`` webhook) and its spooled file removed.
 
 The background uploads: one thread per pool process, one upload at a time, in submission order.
 The pool process waits for queued uploads before it exits (``tasks.worker.lifecycle``, at
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from celery import Task, states
+from celery import Task, signals, states
 from celery.utils.log import get_task_logger
 
 from tasks.errors import StorageUnavailable
@@ -100,7 +103,7 @@ def hand_over_upload(task: Task, clock: StageClock, key: str, video: SpooledVide
             resources.store().put(key, video.path, video.metadata)
         except StorageUnavailable as exc:
             PUBLISHER.settle(request.id)  # no PROGRESS of this task after its final state
-            _upload_failed(task, request, exc)
+            _upload_failed(task, request, key, exc)
             return
         resources.spool().discard(key)
         seconds = time.perf_counter() - started
@@ -116,11 +119,18 @@ def hand_over_upload(task: Task, clock: StageClock, key: str, video: SpooledVide
     task_log.info("rendered in %.2fs; upload of %s handed to the background", result["timings"]["total"], key)
 
 
-def _upload_failed(task: Task, request: Any, exc: StorageUnavailable) -> None:
+def _upload_failed(task: Task, request: Any, key: str, exc: StorageUnavailable) -> None:
     settings = get_settings()
     if request.retries >= settings.STORAGE_MAX_RETRIES:
         task_log.error("giving up on %s after %d retries: %s", request.id, request.retries, exc)
         task.backend.mark_as_failure(request.id, exc, request=request)
+        # Celery sends task_failure only for a task it runs; this one returned long ago. Its receivers
+        # (the failure metric, the render.failed webhook) must see this failure all the same.
+        signals.task_failure.send(
+            sender=task, task_id=request.id, exception=exc, args=request.args, kwargs=request.kwargs,
+            traceback=None, einfo=None,
+        )  # fmt: skip
+        resources.spool().discard(key)  # nothing will come back for it
         return
     countdown = min(120, 2 * 2**request.retries)
     task_log.warning("background upload failed (%s); task %s sent again in %ds to upload from the spool", exc,

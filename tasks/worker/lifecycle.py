@@ -8,6 +8,7 @@
   with their retry policies from settings.
 - ``worker_init`` (main process): without usable shared memory the worker stops at once.
 - ``worker_process_init`` (each pool child, or the main process with ``--pool=solo``): the
+  spool is swept (``SPOOL_MAX_AGE_S``, and ``.part`` files of killed processes), the
   process is made able to start multiprocessing children (``tasks.worker.mp_in_pool``), the
   self-check prints its banner and picks the engine, falling back where FastVideo's mp executor
   cannot run (``tasks.worker.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
@@ -31,6 +32,7 @@ from celery import signals
 
 from tasks.engines import choose_engine
 from tasks.engines.holder import ENGINE
+from tasks.pipeline import resources
 from tasks.pipeline.render import run
 from tasks.pipeline.s7_upload import UPLOADER
 from tasks.render import use_pipeline
@@ -41,6 +43,8 @@ from worker_config.settings import get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from worker_config.settings import Settings
 
 __all__ = ["install"]
 
@@ -106,11 +110,19 @@ def _on_process_init(**_: Any) -> None:
         _keep_freed_memory(settings.KEEP_FREED_MEMORY_MB)
         # Before the self-check: its tensor hand-over proves the path with the allocator the render uses.
         log.info("CUDA allocator: %s", cuda_allocator(choose_engine(settings), settings.DISTRIBUTED_EXECUTOR_BACKEND))
+        _sweep_spool(settings)
         plan = selfcheck.startup(settings)
         with _sigquit_is_a_load_failure():
             ENGINE.load(plan.settings, plan.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
         _die(exc)
+
+
+def _sweep_spool(settings: Settings) -> None:
+    """Files of killed processes and videos nothing will come back for (``SPOOL_MAX_AGE_S``)."""
+    removed = resources.spool().sweep(settings.SPOOL_MAX_AGE_S)
+    if removed:
+        log.info("spool: removed %d stale file(s): %s", len(removed), ", ".join(p.name for p in removed[:5]))
 
 
 def _keep_freed_memory(keep_mb: int) -> None:
