@@ -371,7 +371,9 @@ def test_compose_services_are_configured_for_production():
 
     redis = services["redis"]
     command = redis["command"]
-    assert command[command.index("--requirepass") + 1] == password
+    assert redis["entrypoint"] == ["/bin/sh", "/compose/redis-start.sh"]
+    assert password not in json.dumps([redis["entrypoint"], command, redis["healthcheck"]])  # never on a command line
+    assert redis["environment"]["REDIS_PASSWORD"] == redis["environment"]["REDISCLI_AUTH"] == password
     assert command[command.index("--appendonly") + 1] == "yes"
     assert redis["healthcheck"]["test"] and any(v.endswith(":/data") for v in redis["volumes"])
 
@@ -653,3 +655,33 @@ def test_docker_compose_config_gives_each_profile_its_workers(tmp_path):
         if "deploy" in svc
     }
     assert devices == {"worker": ["0"], "worker-gpu1": ["1"], "worker-gpu2": ["2"], "worker-gpu3": ["3"]}
+
+
+def test_the_redis_start_script_keeps_the_password_off_the_command_line(tmp_path):
+    port, password = free_port(), "pw-" + "f00d" * 8
+    env = {**os.environ, "REDIS_PASSWORD": password}
+    server = subprocess.Popen(
+        ["/bin/sh", str(ROOT / "compose" / "redis-start.sh"), "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--dir", str(tmp_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
+        wait_for(lambda: _pings(client), 10, "redis-server to answer with the password")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_connect_timeout=1).get("x")
+        assert psutil.Process(server.pid).name() == "redis-server"  # the script exec'd it: signals reach it
+        assert password not in " ".join(psutil.Process(server.pid).cmdline())
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001 - not up yet
+        return False

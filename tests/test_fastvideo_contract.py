@@ -123,7 +123,7 @@ def test_the_hooks_the_cpu_layer_and_the_worker_entry_patch_still_exist():
     assert denoising.torch.__name__ == "torch"
     assert "target_dtype = torch.bfloat16" in inspect.getsource(denoising.DenoisingStage.forward)
     assert hasattr(Platform, "get_attn_backend_cls")
-    assert "get_attn_backend_cls" not in CpuPlatform.__dict__ or CpuPlatform.get_attn_backend_cls(None, 64, None)
+    assert "get_attn_backend_cls" not in CpuPlatform.__dict__  # the gap the CPU layer closes is still open
     assert isinstance(WorkerMultiprocProc.__dict__["worker_main"], staticmethod)
     assert "WorkerMultiprocProc.worker_main" in inspect.getsource(WorkerMultiprocProc.make_worker_process)
     import fastvideo.attention.backends.sdpa as sdpa

@@ -7,6 +7,7 @@ import time
 from types import SimpleNamespace
 
 from tasks.pipeline.progress import PROGRESS, ProgressPublisher
+from tests.support import wait_for
 
 
 class SlowBackend:
@@ -34,13 +35,33 @@ def submit_steps(publisher: ProgressPublisher, backend: SlowBackend, task_id: st
     return time.perf_counter() - started
 
 
-def test_a_burst_of_updates_sends_the_first_and_the_latest_off_the_render_thread():
-    backend = SlowBackend()
-    publisher = ProgressPublisher(min_interval_s=0.1)
-    handed_over_in = submit_steps(publisher, backend, "task-1", range(5))
-    publisher.drain()
+class GatedBackend(SlowBackend):
+    """Every write waits at a gate until the test opens it: a Redis that does not answer yet."""
 
-    assert handed_over_in < 0.02  # the render's thread never waited on a 20 ms write
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def store_result(self, task_id: str, meta: dict, state: str, request: object = None) -> None:
+        self.gate.wait(30)
+        super().store_result(task_id, meta, state, request)
+
+
+def test_a_burst_of_updates_sends_the_first_and_the_latest_off_the_render_thread():
+    backend = GatedBackend()
+    publisher = ProgressPublisher(min_interval_s=0.1)
+    handed_over = threading.Event()
+
+    def render() -> None:
+        submit_steps(publisher, backend, "task-1", range(5))
+        handed_over.set()
+
+    threading.Thread(target=render, daemon=True).start()
+    # The render's thread handed over all five while the first write was still held at the gate:
+    # it never waits on Redis.
+    assert handed_over.wait(10) and backend.writes == []
+    backend.gate.set()
+    publisher.drain()
     # At most the first update (if the thread took it before the next one came) and the latest
     # went out: the rest were superseded within the interval. drain() sent the latest and returned
     # only once it was written.
@@ -53,18 +74,27 @@ def test_a_burst_of_updates_sends_the_first_and_the_latest_off_the_render_thread
 def test_a_pending_update_goes_out_once_the_interval_has_passed_without_a_drain():
     backend = SlowBackend()
     publisher = ProgressPublisher(min_interval_s=0.1)
+    submit_steps(publisher, backend, "task-1", range(2))  # a long stage: nothing else is handed over, no drain
+    wait_for(lambda: [w[1]["step"] for w in backend.writes][-1:] == [1], 5, "the held-back update to go out")
+    publisher.drain()
+
+
+def test_the_next_renders_first_update_is_not_held_back():
+    backend = SlowBackend()
+    publisher = ProgressPublisher(min_interval_s=30.0)  # a held-back update would wait 30 s
     submit_steps(publisher, backend, "task-1", range(2))
-    time.sleep(0.4)  # a long stage: nothing else is handed over, no drain
-    assert [w[1]["step"] for w in backend.writes][-1] == 1
-    submit_steps(publisher, backend, "task-2", range(1))  # the next render's first update: not held back
-    time.sleep(0.08)
-    assert [(w[0], w[1]["step"]) for w in backend.writes][-1] == ("task-2", 0)
+    wait_for(lambda: backend.writes, 5, "the first render's first update")
+    submit_steps(publisher, backend, "task-2", range(1))  # the next render's first update
+    wait_for(lambda: ("task-2", 0) in [(w[0], w[1]["step"]) for w in backend.writes], 5, "task-2's first update")
     publisher.drain()
 
 
 def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
     class FlakyBackend(SlowBackend):
+        attempts = 0
+
         def store_result(self, task_id: str, meta: dict, state: str, request: object = None) -> None:
+            self.attempts += 1
             if meta["step"] == 1:
                 raise ConnectionError("redis went away")
             super().store_result(task_id, meta, state, request)
@@ -74,7 +104,7 @@ def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
     request = SimpleNamespace(id="task-2", hostname="w@h")
     for step in range(3):
         publisher.submit(fake_task(backend), request, {"stage": "denoising", "step": step, "steps": 2})
-        time.sleep(0.05)  # each one sent before the next is handed over
+        wait_for(lambda step=step: backend.attempts == step + 1, 5, f"step {step} to be tried")
     publisher.drain()
     assert [w[1]["step"] for w in backend.writes] == [0, 2]
     assert "could not write the progress of task-2: redis went away" in caplog.text

@@ -35,7 +35,8 @@ def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: C
 
     # The presigned URL is built for the public endpoint, not the internal one.
     assert result["url"].startswith(f"http://localhost:{s3_server.port}/{bucket}/{result['key']}?")
-    assert "X-Amz-Expires=" in result["url"]
+    assert result["url_expires_s"] == 86400  # PRESIGN_EXPIRES_S's default: a day
+    assert f"X-Amz-Expires={result['url_expires_s']}&" in result["url"]
     stream = download_verified(result, tmp_path / "video.mp4")  # size and sha256 match the result
     assert stream["codec_name"] == "h264" and stream["pix_fmt"] == "yuv420p"
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)

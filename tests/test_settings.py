@@ -113,3 +113,11 @@ def test_fastwan_settings_pass_through_to_fastvideo(clean_env):
     blank = Settings(FASTVIDEO_ATTENTION_BACKEND="", FASTVIDEO_VSA_SPARSITY="")
     assert (blank.FASTVIDEO_ATTENTION_BACKEND, blank.FASTVIDEO_VSA_SPARSITY) == (None, None)
     assert "VSA_sparsity" not in load_options(blank, cpu=False)  # FastVideo's own default stays
+
+
+def test_metrics_listen_on_loopback_unless_asked_and_the_image_asks(clean_env):
+    from tests.test_deploy import dockerfile_instructions
+
+    assert get_settings().METRICS_ADDR == "127.0.0.1"  # a shared host: no other user reads them
+    image_env = " ".join(a for kind, a in dockerfile_instructions() if kind == "ENV").split()
+    assert "METRICS_ADDR=0.0.0.0" in image_env  # a container's network is its own

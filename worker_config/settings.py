@@ -115,6 +115,9 @@ class Settings(BrokerSettings):
     # the kernel after every tensor (tasks/worker/allocator.py); 0 leaves glibc's defaults.
     KEEP_FREED_MEMORY_MB: int = Field(1024, ge=0, le=2047)
     SPOOL_DIR: Path = _DEFAULT_CACHE / "spool"
+    # Spooled videos older than this are removed when a pool process starts and when an upload
+    # gives up (their task failed, or its retry ran on another host); must outlast the retries.
+    SPOOL_MAX_AGE_S: int = Field(24 * 3600, ge=600)
     RENDER_SOFT_TIME_LIMIT_S: int = Field(1800, ge=1)
     RENDER_TIME_LIMIT_S: int = Field(1900, ge=2)
     # Redis gives an unacknowledged task to another worker once its lease is this old. A running
@@ -134,7 +137,9 @@ class Settings(BrokerSettings):
     # Prometheus metrics served by the worker's main process on this port (0 = off); each worker
     # on a host needs its own port (`renderfarm worker` gives the N-th GPU worker METRICS_PORT+N).
     METRICS_PORT: int = Field(0, ge=0, le=65535)
-    METRICS_ADDR: str = "0.0.0.0"
+    # Loopback by default: metrics name models, queues and failure reasons, and on a shared host no
+    # other user should read them. Containers set 0.0.0.0 (the image does): their network is their own.
+    METRICS_ADDR: str = "127.0.0.1"
     # Worker log lines: "text" (Celery's layout plus the task id) or "json" (one object a line).
     LOG_FORMAT: Literal["text", "json"] = "text"
     # Webhooks (the request's webhook_url): signing key (HMAC-SHA256), the hosts a URL may name
