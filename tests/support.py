@@ -31,6 +31,8 @@ __all__ = [
     "wait_for",
     "wait_for_denoising",
     "watch_events",
+    "render_too_big_for",
+    "uncap",
 ]
 
 # A worker started with this environment paces every render step to at least 0.1 s (tests/pacing.py),
@@ -74,6 +76,26 @@ def watch_events(app: Any, handlers: dict[str, Callable[[dict], None]]) -> Itera
         finally:
             receiver.should_stop = True
             listener.join(10)
+
+
+def render_too_big_for(process: psutil.Process, producer: Any) -> BaseException:
+    """Cap ``process``'s address space a little above what it uses now and send a render that cannot
+    fit; the task's ``RenderOutOfMemory`` (the cap is lifted again by ``uncap``)."""
+    import pytest
+
+    limit = process.memory_info().vms + 768 * 2**20
+    subprocess.run(["prlimit", f"--pid={process.pid}", f"--as={limit}:unlimited"], check=True)  # soft limit only
+    big = {"prompt": "too big", "height": 512, "width": 512, "num_frames": 65, "num_inference_steps": 1}
+    with pytest.raises(
+        Exception, match=r"out of memory twice on cpu rendering 512x512 x 65 frames \(1 steps\)"
+    ) as info:
+        producer.send_task("tasks.render", kwargs=big, queue="render").get(timeout=300)
+    assert type(info.value).__name__ == "RenderOutOfMemory"
+    return info.value
+
+
+def uncap(process: psutil.Process) -> None:
+    subprocess.run(["prlimit", f"--pid={process.pid}", "--as=unlimited"], check=True)
 
 
 def minio_client(server: S3Server):

@@ -6,7 +6,6 @@ peak memory measured there. Run in .venv-fastvideo (``make test-fastvideo``); sk
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from celery import Celery
 
 from tasks.cancel import cancel
 from tests.fastvideo_support import command_line, fastvideo_workers, ray_processes
-from tests.support import free_port, wait_for, watch_events
+from tests.support import free_port, render_too_big_for, uncap, wait_for, watch_events
 from tests.test_monitoring import scrape, value
 
 try:
@@ -125,20 +124,12 @@ def test_out_of_memory_in_fastvideos_worker_is_retried_once_then_fails_naming_th
     worker, _ = start_fastvideo(start_worker, executor)
     [child] = worker.pool_children()
     runner = model_process(worker, executor)
-    # Cap the address space of the process that runs the model a little above what it uses now.
-    limit = runner.memory_info().vms + 768 * MIB
-    subprocess.run(["prlimit", f"--pid={runner.pid}", f"--as={limit}:unlimited"], check=True)  # soft limit only
-    big = {"prompt": "too big", "height": 512, "width": 512, "num_frames": 65, "num_inference_steps": 1}
-    with pytest.raises(
-        Exception, match=r"out of memory twice on cpu rendering 512x512 x 65 frames \(1 steps\)"
-    ) as info:
-        producer.send_task("tasks.render", kwargs=big, queue="render").get(timeout=300)
-    assert type(info.value).__name__ == "RenderOutOfMemory"
-    assert "out of memory in FastVideo's worker process" in str(info.value)
+    error = render_too_big_for(runner, producer)  # the address space of the process that runs the model, capped
+    assert "out of memory in FastVideo's worker process" in str(error)
     assert worker.log.count("freeing memory and trying once more") == 1  # one bounded retry, no loop
     assert "SIGQUIT" not in worker.log and "WorkerLostError" not in worker.log  # no death, no redelivery
 
-    subprocess.run(["prlimit", f"--pid={runner.pid}", "--as=unlimited"], check=True)
+    uncap(runner)
     after = producer.send_task("tasks.render", kwargs={"prompt": "fits"}, queue="render").get(timeout=180)
     assert after["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1
     assert model_process(worker, executor).pid == runner.pid

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import psutil
 import pytest
 from celery import Celery
 
-from tests.support import PACED, wait_for, wait_for_denoising
+from tests.support import PACED, render_too_big_for, uncap, wait_for, wait_for_denoising
 
 # Workers that must catch a render mid-way are started with PACED: 40 steps of at least 0.1 s each.
 SLOW = {"prompt": "a slow render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40, "seed": 11}
@@ -98,18 +97,10 @@ def test_soft_time_limit_stops_the_render_with_a_clear_error(start_worker, produ
 def test_out_of_memory_is_retried_once_then_fails_naming_the_size(start_worker, producer: Celery):
     worker = start_worker()
     child = worker.pool_children()[0]
-    # Cap the pool process's address space a little above what it uses now: a large render cannot fit.
-    limit = child.memory_info().vms + 768 * 2**20
-    subprocess.run(["prlimit", f"--pid={child.pid}", f"--as={limit}:unlimited"], check=True)  # soft limit only
-    big = {"prompt": "too big", "height": 512, "width": 512, "num_frames": 65, "num_inference_steps": 1}
-    with pytest.raises(
-        Exception, match=r"out of memory twice on cpu rendering 512x512 x 65 frames \(1 steps\)"
-    ) as info:
-        producer.send_task("tasks.render", kwargs=big, queue="render").get(timeout=300)
-    assert type(info.value).__name__ == "RenderOutOfMemory"
+    render_too_big_for(child, producer)  # the pool process's address space capped: a large render cannot fit
     assert worker.log.count("freeing memory and trying once more") == 1  # one bounded retry, no loop
 
-    subprocess.run(["prlimit", f"--pid={child.pid}", "--as=unlimited"], check=True)
+    uncap(child)
     after = producer.send_task("tasks.render", kwargs={"prompt": "fits"}, queue="render").get(timeout=120)
     assert after["worker_pid"] == child.pid
 

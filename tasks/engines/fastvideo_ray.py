@@ -43,6 +43,8 @@ import threading
 import time
 from typing import Any
 
+from tasks.engines.second_try import cause_of_type
+
 __all__ = [
     "SETUP_HOOK", "init_options", "complete_executor", "start", "release_placement_groups", "stop", "setup_worker",
     "worker_death",
@@ -157,14 +159,7 @@ def worker_death(exc: BaseException) -> BaseException | None:
     """
     from ray.exceptions import RayActorError
 
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, RayActorError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return cause_of_type(exc, RayActorError)
 
 
 def stop() -> None:

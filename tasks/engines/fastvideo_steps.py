@@ -45,6 +45,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tasks.engines.second_try import cause_of_type
+
 __all__ = [
     "ADDRESS_ENV", "MARKER", "PEAK_KEY", "EngineStopped", "StopRender", "StepMonitor", "engine_stopped",
     "install_in_worker", "install_in_owner", "last_peak_memory",
@@ -74,14 +76,7 @@ class EngineStopped(Exception):
 
 def engine_stopped(exc: BaseException) -> EngineStopped | None:
     """The ``EngineStopped`` behind ``exc`` (FastVideo re-raises its forward thread's error), if any."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, EngineStopped):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return cause_of_type(exc, EngineStopped)
 
 
 # --- the pool process ----------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["with_one_more_try", "describe_size"]
+__all__ = ["with_one_more_try", "describe_size", "cause_of_type"]
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 def with_one_more_try(
@@ -41,3 +42,19 @@ def with_one_more_try(
 def describe_size(spec: dict[str, Any]) -> str:
     """``'512x512 x 65 frames (30 steps)'``: the size of a render, for error messages."""
     return f"{spec['width']}x{spec['height']} x {spec['num_frames']} frames ({spec['num_inference_steps']} steps)"
+
+
+def cause_of_type(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s chain of causes (``exc`` included), if any.
+
+    FastVideo runs the forward pass in a thread and re-raises its error as ``RuntimeError("Forward
+    execution thread failed")`` from it: what happened is found further down the chain.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
