@@ -126,7 +126,8 @@ def test_importing_tasks_does_not_import_torch_or_the_engines():
 PRODUCER = """
 import json, sys
 import tasks
-sent = tasks.render.apply_async(kwargs={"prompt": "a red fox"}, priority=tasks.PRIORITIES["high"])
+hook = "https://hooks.example.com/render?token=tok-5ecret"
+sent = tasks.render.apply_async(kwargs={"prompt": "a red fox", "webhook_url": hook}, priority=tasks.PRIORITIES["high"])
 here = tasks.render.apply(kwargs={"prompt": "a red fox"})  # not a worker: no pipeline, a clear error
 print(json.dumps({
     "id": sent.id,
@@ -150,6 +151,9 @@ def test_a_producer_sends_renders_whatever_the_worker_settings(redis_server):
     queued = [json.loads(body) for body in redis_server.client.lrange("render", 0, -1)]  # priority high: "render"
     assert [message["headers"]["id"] for message in queued] == [report["id"]]
     assert queued[0]["headers"]["task"] == "tasks.render"
+    # What Celery shows of the arguments (events, Flower, logs): the webhook URL without its token.
+    shown = queued[0]["headers"]["kwargsrepr"]
+    assert "tok-5ecret" not in shown and "'webhook_url': 'https://hooks.example.com/render?...'" in shown
 
 
 def test_the_same_settings_stop_a_worker_at_start_naming_them(worker_env):

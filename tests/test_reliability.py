@@ -89,7 +89,8 @@ def test_a_request_sent_again_under_its_task_id_is_served_from_storage(start_wor
 
 
 class RefusingStorage:
-    """An S3 endpoint that refuses every request with 403 AccessDenied, as a bucket policy would."""
+    """An S3 endpoint whose bucket exists and holds nothing, and which refuses every write with 403
+    AccessDenied, as a bucket policy or a read-only key would."""
 
     def __init__(self) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,22 +98,24 @@ class RefusingStorage:
         refused = self.refused = []
 
         class Handler(BaseHTTPRequestHandler):
-            def _refuse(self) -> None:
-                refused.append(self.command)
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                body = b"" if self.command == "HEAD" else (
-                    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                    b"<Message>Access Denied.</Message><RequestId>1</RequestId></Error>"
-                )  # fmt: skip
-                self.send_response(403)
+            def _answer(self, status: int, body: bytes = b"") -> None:
+                self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _refuse
+            def do_HEAD(self) -> None:  # the bucket exists (200); no object is in it (404)
+                self._answer(200 if self.path.strip("/").count("/") == 0 else 404)
+
+            def do_PUT(self) -> None:
+                refused.append(self.path)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._answer(403, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                                  b"<Message>Access Denied.</Message><RequestId>1</RequestId></Error>")  # fmt: skip
+
+            do_GET = do_POST = do_DELETE = do_PUT
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -139,7 +142,7 @@ def test_storage_refusing_writes_is_retried_then_fails_with_the_video_kept_in_th
         assert type(info.value).__name__ == "StorageUnavailable" and "AccessDenied" in str(info.value)
         assert worker.log.count("Retry in") == 1  # STORAGE_MAX_RETRIES=1: one retry, then the failure
         assert worker.log.count(": render tiny-wan:") == 2 and worker.log.count("in the spool from an earlier") == 1
-        assert "PUT" in storage.refused
+        assert len(storage.refused) == 2 and all(path.endswith(".mp4") for path in storage.refused)  # two uploads
         # The MP4 stays in the spool (removed after SPOOL_MAX_AGE_S) for an operator to recover.
         assert len(list(Path(worker_env["SPOOL_DIR"]).glob("*.mp4"))) == 1
     finally:

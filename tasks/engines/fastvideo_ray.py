@@ -20,8 +20,9 @@ engine owns the Ray instance instead: ``start()`` before the generator loads, ``
 3. Every Ray worker process of the instance runs ``setup_worker()`` first (runtime_env
    ``worker_process_setup_hook``, imported by name: the project root is on ``PYTHONPATH``, see
    ``tasks.worker.mp_in_pool``). It logs to the worker's stderr, which Ray streams into the pool
-   child's log, and applies the CPU-compatibility layer where the engine applied it
-   (``RENDERFARM_FASTVIDEO_CPU=1``, ``tasks.engines.fastvideo_cpu``).
+   child's log, applies the CPU-compatibility layer where the engine applied it
+   (``RENDERFARM_FASTVIDEO_CPU=1``, ``tasks.engines.fastvideo_cpu``), and connects the denoising
+   loop to the pool child (``tasks.engines.fastvideo_steps``, whose channel name it inherits).
 4. Without an accelerator (only then), ``ray.init(num_gpus=NUM_GPUS)`` declares that many *logical*
    ``GPU`` slots: Ray checks no hardware for a number given this way, it only schedules against it.
    The CPU layer names ``GPU`` as the CPU platform's Ray device key, so FastVideo's own placement
