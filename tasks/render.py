@@ -2,10 +2,11 @@
 
 Retry is declared here (transient errors: backoff with a cap); invalid requests, timeouts,
 cancellations and the delivery cap are final. The body is the render pipeline
-(``tasks.pipeline``), which exists only in workers: when a worker starts, ``tasks.worker.boot``
-(imported by Celery in workers only, through the app's ``include``) hands it over with
-``use_pipeline``, together with ``STORAGE_MAX_RETRIES``. A producer importing this module
-imports no pipeline, engine or worker module and reads no worker setting.
+(``tasks.pipeline``), which exists only in workers: when a worker starts, ``tasks.worker.lifecycle``
+(connected by ``tasks.worker.boot``, which Celery imports in workers only through the app's
+``include``) hands it over with ``use_pipeline`` at ``celeryd_init``, with ``STORAGE_MAX_RETRIES``.
+A producer importing this module imports no pipeline, engine or worker module and reads no worker
+setting.
 """
 
 from __future__ import annotations

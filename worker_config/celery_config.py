@@ -2,8 +2,8 @@
 
 Two parts: ``app_config(broker)`` is what every process that talks to the farm uses (the app
 module applies it, so a producer reads only the broker's settings); ``celery_config(settings)``
-adds what only a worker reads (time limits, prefetch, leases, process lifecycle), applied when a
-worker starts (``tasks.worker.boot``, at Celery's ``celeryd_init``).
+adds what only a worker reads (time limits, prefetch, leases, process lifecycle), applied by the
+``celery worker`` command before it reads its own options (``tasks.celery``).
 
 Why each value (see docs/settings.md for the operator's view):
 - JSON only: no pickle on the wire or in results; other content types are refused.

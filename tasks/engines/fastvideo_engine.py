@@ -42,6 +42,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
 from tasks.engines.device import choose_device
 from tasks.engines.second_try import describe_size, with_one_more_try
@@ -106,19 +108,9 @@ def _private_output_dir(spool: Path) -> Path:
     spool.mkdir(parents=True, exist_ok=True)
     for stale in spool.glob(".fastvideo-*-*"):
         pid = stale.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".fastvideo-{os.getpid()}-", dir=spool))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EngineOutOfMemory(MemoryError):

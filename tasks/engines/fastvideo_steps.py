@@ -42,9 +42,10 @@ import socket
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+from tasks.engines import ProgressFn
 from tasks.engines.second_try import cause_of_type
 
 __all__ = [
@@ -59,7 +60,6 @@ MARKER = "renderfarm_stopped"  # in ``ForwardBatch.extra``: why the forward ende
 PEAK_KEY = "renderfarm_peak_memory"  # in ``ForwardBatch.extra``: (MiB, "cuda" | "rss") of the forward
 _MESSAGE = struct.Struct("!4sqqq")  # kind, forward number, step, steps
 STEP, GO, STOP = b"STEP", b"GO  ", b"STOP"
-ProgressFn = Callable[[str, "int | None", "int | None"], None]
 
 
 class StopRender(Exception):
@@ -143,8 +143,10 @@ class StepMonitor:
         """Report the step; the answer to send (step 0 always gets one), or None."""
         with self._lock:
             progress, stopping = self._progress, self.error is not None
-        if progress is None or stopping:
-            return (STOP if stopping else GO) if step == 0 else (STOP if stopping else None)
+        if stopping:
+            return STOP
+        if progress is None:  # no render routed here (it ended): let the worker go on
+            return GO if step == 0 else None
         try:
             progress("denoising", step, steps)
             self.last_step = step
@@ -368,7 +370,7 @@ def _forward_or_note(forward: Any, worker: Any, forward_batch: Any, fastvideo_ar
     """Run FastVideo's forward; end it with a note in ``extra`` (never an exception) when stopped or out of memory."""
     import torch
 
-    from tasks.engines.oom import free_memory, is_out_of_memory
+    from tasks.engines.oom import first_line, free_memory, is_out_of_memory
     from tasks.engines.peak_memory import PeakMemory
 
     peak = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")
@@ -380,8 +382,7 @@ def _forward_or_note(forward: Any, worker: Any, forward_batch: Any, fastvideo_ar
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise  # FastVideo's own handling: SIGQUIT to the pool process
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        note = ("out_of_memory", f"{type(exc).__name__}: {first_line}")
+        note = ("out_of_memory", first_line(exc, 300))
     else:
         batch.extra = {**(batch.extra or {}), PEAK_KEY: peak.stop()}
         return batch

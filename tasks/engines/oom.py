@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from tasks.engines.second_try import describe_size, with_one_more_try
 from tasks.errors import RenderOutOfMemory
 
-__all__ = ["is_out_of_memory", "free_memory", "with_one_oom_retry"]
+__all__ = ["is_out_of_memory", "free_memory", "with_one_oom_retry", "first_line"]
 
 log = logging.getLogger("renderfarm.oom")
 T = TypeVar("T")
@@ -53,19 +53,20 @@ def with_one_oom_retry(render: Callable[[], T], spec: dict[str, Any], device: st
     """Run ``render``; on out-of-memory free memory and run it once more; then give up clearly."""
 
     def before_retry(exc: Exception) -> None:
-        log.warning("out of memory on %s (%s); freeing memory and trying once more", device, _first_line(exc))
+        log.warning("out of memory on %s (%s); freeing memory and trying once more", device, first_line(exc))
         free_memory()
 
     def give_up(exc: Exception) -> Exception:
         free_memory()
         return RenderOutOfMemory(
             f"out of memory twice on {device} rendering {describe_size(spec)}: ask for fewer pixels or frames, "
-            f"or send it to a worker with more memory ({_first_line(exc)})"
+            f"or send it to a worker with more memory ({first_line(exc)})"
         )
 
     return with_one_more_try(render, is_out_of_memory, before_retry, give_up)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``'Type: first line of the message'`` (cut to ``limit`` characters), for one-line reports."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[0][:limit]}" if text else type(exc).__name__

@@ -1,6 +1,6 @@
 """The body of ``tasks.render``: the stages, in the order they run.
 
-``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.boot``). A render goes
+``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render goes
 through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often?), ``s3_lookup``
 (stored already? in the spool from an earlier attempt?), ``s4_generate`` (the engine), ``s5_encode``
 (the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background

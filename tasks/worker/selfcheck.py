@@ -109,15 +109,16 @@ def _tensor_fix(device: str) -> str:
     )
 
 
-def _device_check(settings: Settings) -> Check:
+def _device_check(settings: Settings) -> tuple[Check, str]:
+    """The check, and the device renders would use (the CPU where CUDA is needed but unusable)."""
     from tasks.engines.device import choose_device
     from tasks.errors import FatalWorkerError
 
     try:
         device = choose_device(settings)
     except FatalWorkerError as exc:
-        return Check("Device", False, str(exc), "see above; DEVICE=cpu renders on the CPU on purpose")
-    return Check("Device", True, f"{device} (DEVICE={settings.DEVICE})")
+        return Check("Device", False, str(exc), "see above; DEVICE=cpu renders on the CPU on purpose"), "cpu"
+    return Check("Device", True, f"{device} (DEVICE={settings.DEVICE})"), device
 
 
 def _torch_checks() -> list[Check]:
@@ -198,14 +199,14 @@ def run_checks(settings: Settings) -> list[Check]:
     from tasks.engines import choose_engine
 
     checks = [*_torch_checks()]
-    if checks[0].ok:
-        checks.append(_device_check(settings))
+    torch_ok = checks[0].ok
+    if torch_ok:
+        device_check, device = _device_check(settings)
+        checks.append(device_check)
     checks += [_fastvideo_check(), _shm_check(settings), _multiprocessing_check()]
     mp_render = choose_engine(settings) == "fastvideo" and settings.DISTRIBUTED_EXECUTOR_BACKEND == "mp"
-    if checks[0].ok and mp_render:
-        from tasks.engines.device import cuda_usable
-
-        checks.append(_tensor_check("cuda" if settings.DEVICE != "cpu" and cuda_usable() else "cpu"))
+    if torch_ok and mp_render:
+        checks.append(_tensor_check(device))
     return checks
 
 
