@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the demo and the tests need, on a fresh Debian/Ubuntu machine. Idempotent,
 # non-interactive (no stdin). What it installs:
-#   - Debian packages: redis-server (broker and result backend), ffmpeg (ffprobe, to inspect MP4s)
+#   - Debian packages: redis-server (broker and result backend), ffmpeg (ffprobe, to inspect MP4s),
+#     iproute2 and nftables (a worker on a bad network, in a namespace of its own: tests/netns.py)
 #   - .venv/ with torch pinned to the local CPU build (constraints.txt), then the project with its
 #     worker, demo, dev and bench extras, every later install held to the same torch by the constraints.
 set -euo pipefail
@@ -16,6 +17,8 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v ffprobe >/dev/null || missing+=(ffmpeg)
+command -v nft >/dev/null || missing+=(nftables)  # tests/test_partition.py: packet loss in a namespace
+command -v ip >/dev/null || missing+=(iproute2)
 if ((${#missing[@]})); then
     say "installing Debian packages: ${missing[*]}"
     SUDO=""

@@ -77,10 +77,16 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     """Start real worker processes: ``start_worker(wait=True, **env_overrides)``."""
     started: list[TestWorker] = []
 
-    def start(wait: bool = True, args: tuple[str, ...] = (), **overrides: str) -> TestWorker:
+    def start(
+        wait: bool = True, args: tuple[str, ...] = (), wrap: tuple[str, ...] = (), **overrides: str
+    ) -> TestWorker:
         name = f"w{next(_names)}"
         worker = TestWorker(
-            name, {**worker_env, **overrides}, tmp_path / f"{name}.log", ("--without-mingle", "--without-gossip", *args)
+            name,
+            {**worker_env, **overrides},
+            tmp_path / f"{name}.log",
+            ("--without-mingle", "--without-gossip", *args),
+            wrap=wrap,
         )
         started.append(worker)
         return worker.wait_ready() if wait else worker

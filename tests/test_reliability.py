@@ -74,7 +74,9 @@ def test_redis_restart_loses_no_queued_task(start_worker, worker_env, tmp_path, 
         redis.stop()
 
 
-def test_a_request_sent_again_under_its_task_id_is_served_from_storage(start_worker, producer: Celery, s3, bucket):
+def test_a_request_sent_again_under_its_task_id_after_it_succeeded_is_dropped(
+    start_worker, producer: Celery, s3, bucket
+):
     # docs/reliability.md: how a producer closes the Redis hand-out window. No seed given: the seed
     # derived from the task id makes the re-sent request the same render, found in storage.
     worker = start_worker()
@@ -82,8 +84,9 @@ def test_a_request_sent_again_under_its_task_id_is_served_from_storage(start_wor
     first = producer.send_task("tasks.render", kwargs=request, queue="render")
     rendered = first.get(timeout=120)
     producer.send_task("tasks.render", kwargs=request, task_id=first.id, queue="render")
-    wait_for(lambda: f"served from storage: {rendered['key']}" in worker.log, 60, "the copy to be served from storage")
+    wait_for(lambda: f"task {first.id} already succeeded" in worker.log, 60, "the copy to be dropped at admission")
     assert rendered["cached"] is False and worker.log.count("(cached=False)") == 1  # rendered once
+    assert worker.log.count(f"Task tasks.render[{first.id}] succeeded") == 1  # one SUCCESS
     assert producer.AsyncResult(first.id).get(timeout=60)["key"] == rendered["key"]  # still the one result
     assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [rendered["key"]]
 

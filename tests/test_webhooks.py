@@ -159,7 +159,9 @@ def test_a_listed_name_that_resolves_inside_is_refused_at_delivery_not_at_submit
     assert hook.deliveries == [] and "WebhookRejected" in worker.log
 
 
-def test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_never_shows(start_worker, producer):
+def test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_never_shows(
+    start_worker, producer, redis_server
+):
     token = "tok-5ecret-a1b2"
     worker = webhook_worker(
         start_worker, WEBHOOK_ALLOWED_HOSTS="hooks.invalid", WEBHOOK_RETRY_BACKOFF_S="1", WEBHOOK_MAX_RETRIES="2"
@@ -177,6 +179,9 @@ def test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_n
     # producer that does not use this project: its arguments are shown as that producer sent them).
     shown = [e["kwargs"] for e in received if e.get("name") == "tasks.deliver_webhook"]
     assert len(shown) == 3 and all(token not in text and "hooks.invalid/render?..." in text for text in shown), shown
+    # Nor do the states stored in Redis (the render's and each delivery's): no task's arguments are kept there.
+    stored = [redis_server.client.get(key) for key in redis_server.client.keys("celery-task-meta-*")]
+    assert len(stored) >= 2 and not any(token.encode() in value for value in stored)
 
 
 def limits(allowed: str, secret: str | None = SECRET) -> Limits:

@@ -13,6 +13,9 @@ Why each value (see docs/settings.md for the operator's view):
   a healthy render is never handed to a second worker, a dead node's task moves on in minutes.
 - worker_proc_alive_timeout above the model load: Celery's 4 s default SIGKILLs every
   replacement child that loads a model, in a loop.
+- a Redis outage of a few minutes is waited out, not failed: result and state writes retry
+  (``result_backend_max_retries``, about 4 minutes with Celery's backoff of up to 10 s) and a
+  producer's ``.get()`` reconnects once a second for ``REDIS_OUTAGE_S`` (tests/test_redis_outage.py).
 - message priorities (high 0, normal 3, low 9) on kombu's default Redis priority lists, so a
   busy farm takes high before normal before low, from any producer (docs/api.md#priority).
 """
@@ -23,7 +26,9 @@ from typing import Any
 
 from worker_config.settings import BrokerSettings, Settings
 
-__all__ = ["RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "app_config", "celery_config"]
+__all__ = [
+    "RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "REDIS_OUTAGE_S", "app_config", "celery_config",
+]  # fmt: skip
 
 RENDER_QUEUE = "render"
 # Message priorities on the Redis transport: 0 is served first, 9 last (kombu's steps 0, 3, 6, 9;
@@ -31,6 +36,11 @@ RENDER_QUEUE = "render"
 PRIORITIES = {"high": 0, "normal": 3, "low": 9}
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
+# How long a producer's .get() keeps reconnecting to a Redis that went away (once a second).
+REDIS_OUTAGE_S = 240
+# The result backend's own connection retries (Celery's `retry_policy`, default 20 tries a second
+# apart): a pub/sub reconnect during .get() and each result write use it.
+_BACKEND_RETRY = {"max_retries": REDIS_OUTAGE_S, "interval_start": 0, "interval_step": 1, "interval_max": 1}
 
 
 def app_config(broker: BrokerSettings) -> dict[str, Any]:
@@ -49,9 +59,12 @@ def app_config(broker: BrokerSettings) -> dict[str, Any]:
             "queue_order_strategy": "priority",
         },
         "broker_connection_retry_on_startup": True,
-        # A Redis restart is survived: result reads and writes retry with backoff (up to 10 s apart).
+        # A Redis restart or outage is survived: result reads and writes retry with backoff (up to
+        # 10 s apart, random: 60 tries last about 4 minutes), a waiting .get() reconnects.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
+        "result_backend_max_retries": 60,
+        "result_backend_transport_options": {"retry_policy": dict(_BACKEND_RETRY)},
+        "redis_socket_connect_timeout": 5,  # a Redis that does not answer is retried, not waited on for minutes
         # Serialization: JSON only.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -63,10 +76,12 @@ def app_config(broker: BrokerSettings) -> dict[str, Any]:
         "task_default_queue": RENDER_QUEUE,
         "task_routes": {"tasks.render": {"queue": RENDER_QUEUE}},
         "task_default_priority": PRIORITIES["normal"],
-        # Visibility: STARTED and PROGRESS states, a sent event for Flower, extended results.
+        # Visibility: STARTED and PROGRESS states, a sent event for Flower.
         "task_track_started": True,
         "task_send_sent_event": True,
-        "result_extended": True,
+        # Not extended: an extended result stores the task's arguments in Redis next to its result,
+        # and a webhook URL may carry a token (tests/test_webhooks.py checks every stored state).
+        "result_extended": False,
     }
 
 
@@ -78,11 +93,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Sweep for lapsed leases every few seconds (kombu's default is ~100 s: interval 10 x throttle 10).
         "unacked_restore_interval": settings.restore_interval_s,
         "unacked_restore_throttle": 1,
+        # The sweep holds a Redis lock while it runs; kombu's lock lasts 300 s, so a worker cut off
+        # mid-sweep (a GPU node losing its network) stopped every other worker's sweep for 5 minutes
+        # (tests/test_partition.py). Restoring a message is a transaction, safe to run twice.
+        "unacked_mutex_expire": 3 * settings.restore_interval_s,
     }
     return {
         **base,
         "broker_transport_options": {**transport, **base["broker_transport_options"]},
-        "result_backend_transport_options": dict(transport),
+        "result_backend_transport_options": {**base["result_backend_transport_options"], **transport},
         # queue mode holds only the task it runs; buffer mode holds one more, ready to start.
         "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
         "task_routes": {**base["task_routes"], "tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE}},

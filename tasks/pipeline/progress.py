@@ -145,9 +145,14 @@ class ProgressPublisher:
         with self._cond:
             if self._pending is not None and self._pending[1].id == task_id:
                 self._pending = None
-            done = self._cond.wait_for(lambda: self._sending != task_id, self._drain_timeout_s)
-        if not done:
-            log.warning("a progress update still unsent after %.0fs (is Redis reachable?)", self._drain_timeout_s)
+            # No time limit: written after the final state, that update would replace it (Celery
+            # protects only SUCCESS). A send ends, written or given up, within the result
+            # backend's retry policy (a Redis outage is waited out: worker_config.celery_config).
+            waited = 0.0
+            while not self._cond.wait_for(lambda: self._sending != task_id, self._drain_timeout_s):
+                waited += self._drain_timeout_s
+                log.warning("the final state of %s waits for its progress update, unsent after %.0fs "
+                            "(is Redis reachable?)", task_id, waited)  # fmt: skip
 
     def _started_here(self) -> bool:
         """Whether this process started the thread (after a fork the parent's is not ours)."""

@@ -1,7 +1,7 @@
 """The body of ``tasks.render``: the stages, in the order they run.
 
 ``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render goes
-through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often?), ``s3_lookup``
+through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often? done elsewhere?), ``s3_lookup``
 (stored already? in the spool from an earlier attempt?), ``s4_generate`` (the engine), ``s5_encode``
 (the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background
 in buffer mode) and ``s8_result``; ``s9_notify`` queues its webhook once the final state is written.
@@ -23,7 +23,7 @@ from tasks.pipeline.cancelling import RenderCancelled
 from tasks.pipeline.events import render_encoded
 from tasks.pipeline.progress import StageClock
 from tasks.pipeline.s1_validate import validate
-from tasks.pipeline.s2_admit import delivery
+from tasks.pipeline.s2_admit import delivery, drop_if_succeeded
 from tasks.pipeline.s3_lookup import ServedFromStorage, StorageLookup, serve_if_stored
 from tasks.pipeline.s4_generate import generate
 from tasks.pipeline.s5_encode import encode, video_metadata
@@ -74,6 +74,7 @@ def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[s
             hand_over_upload(task, clock, key, video)  # the next render starts while this one uploads
             raise Ignore()
         stored = upload(clock, key, video)
+        drop_if_succeeded(task)  # a late copy: another worker finished this task meanwhile
         return result_of(task, stored, clock, cached=False)
 
 

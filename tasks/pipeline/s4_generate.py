@@ -2,8 +2,8 @@
 
 The engine loaded in this process (``tasks.engines.holder.ENGINE``) renders the spec and reports
 each stage and step through a callback, which moves the task's progress (``StageClock``), checks
-the cancel flag (``CancelWatch``: ``RenderCancelled`` stops the render at that step) and, before
-the first denoising step, waits for the storage lookup (``ServedFromStorage`` stops it there).
+the cancel flag (``CancelWatch``, kept by a thread: ``RenderCancelled`` stops the render at that
+step) and, before the first denoising step, waits for the storage lookup (``ServedFromStorage`` stops it there).
 An out-of-memory gets one more try after memory is freed (``tasks.engines.oom``). The render's
 peak memory is measured in this process around it (``tasks.engines.peak_memory``), unless the
 engine measured it where the model runs (FastVideo's worker process: ``RenderOutput.stats``).
@@ -47,7 +47,8 @@ def generate(
 
     peak = PeakMemory(engine.device)
     peak.start()
-    output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
+    with watch:
+        output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
     memory = peak.stop()
     if output.stats.get("peak_memory_mb") is not None:  # measured where the model runs (FastVideo's worker)
         memory = (output.stats["peak_memory_mb"], output.stats.get("memory_source"))

@@ -24,7 +24,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_NAME", "node_name", "worker_stats", "engine_loaded", "main"]
+__all__ = ["DEFAULT_NAME", "INTERNALS", "node_name", "worker_stats", "engine_loaded", "main"]
+
+# Celery's internals this relies on (checked by tests/test_internals.py against the pinned versions):
+# the prefork pool's `stats` reply counts the pool processes that took a task queue (`writes.inqueues`).
+INTERNALS = ("celery.concurrency.asynpool.AsynPool.human_write_stats",)
 
 DEFAULT_NAME = "render"
 

@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 
     from worker_config.settings import Settings
 
-__all__ = ["install"]
+__all__ = ["INTERNALS", "install"]
+
+# Celery's internals this relies on (checked by tests/test_internals.py against the pinned versions).
+INTERNALS = ("celery.worker.worker.WorkController.exitcode",)  # what `celery worker` exits with
 
 log = logging.getLogger("renderfarm.worker")
 EX_ENGINE_FAILED = 1

@@ -24,7 +24,10 @@ from celery import signals
 
 from worker_config.settings import get_settings
 
-__all__ = ["install", "JsonFormatter", "TEXT_FORMAT", "task_of"]
+__all__ = ["INTERNALS", "install", "JsonFormatter", "TEXT_FORMAT", "task_of"]
+
+# Celery's internals this relies on (checked by tests/test_internals.py against the pinned versions).
+INTERNALS = ("celery._state.get_current_task",)  # the task a log record belongs to, as TaskFormatter reads it
 
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(task_tag)s%(name)s: %(message)s"
 _installed_factory = False

@@ -21,7 +21,14 @@ import multiprocessing.process
 import os
 from pathlib import Path
 
-__all__ = ["allow_children_in_pool_process", "PROJECT_ROOT"]
+__all__ = ["allow_children_in_pool_process", "INTERNALS", "PROJECT_ROOT"]
+
+# billiard's internals this relies on (checked by tests/test_internals.py against the pinned versions).
+INTERNALS = (
+    "billiard.process._set_current_process",  # billiard's process becomes multiprocessing's current one
+    "billiard.process._current_process._config",  # ... with its daemon flag and authkey here
+    "billiard.process.AuthenticationString",  # ... an authkey multiprocessing refuses to pickle
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # tasks/worker/mp_in_pool.py
 
