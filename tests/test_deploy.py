@@ -253,6 +253,42 @@ def test_dockerfile_runs_as_non_root_with_health_check_and_entrypoint():
     assert workdir == "/app"
 
 
+def build_context(root: Path) -> dict[str, int]:
+    """What `docker build` sends for ``root``: each file under Docker's ignore rules (docker-py's own
+    implementation of them) and its size."""
+    from docker.utils.build import exclude_paths
+
+    lines = (root / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    kept = exclude_paths(str(root), patterns, dockerfile="Dockerfile.worker")
+    return {p: (root / p).stat().st_size for p in kept if (root / p).is_file() and not (root / p).is_symlink()}
+
+
+def test_the_build_context_is_the_code_only(tmp_path):
+    # Environments, caches and outputs beside the code, as a developer's checkout has them.
+    for folder in (".venv-fastvideo/lib", ".venv-other/lib", "outputs", "models/tiny-wan", ".cache/huggingface"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "big.bin").write_bytes(b"\0" * 2**20)
+    for name in (".dockerignore", "Dockerfile.worker", "pyproject.toml", "README.md", ".env"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes() if (ROOT / name).exists() else b"SECRET=1")
+    for package in ("tasks", "worker_config", "renderfarm"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "compose").mkdir()
+    shutil.copy(ROOT / "compose/worker-entrypoint.sh", tmp_path / "compose")
+
+    context = build_context(tmp_path)
+    assert not [p for p in context if p.split("/")[0] in {".venv-fastvideo", ".venv-other", "outputs", "models",
+                                                           ".cache", ".env"}]  # fmt: skip
+    # What the image installs and runs is in it.
+    for needed in ("pyproject.toml", "README.md", "tasks/render.py", "worker_config/settings.py",
+                   "renderfarm/cli.py", "compose/worker-entrypoint.sh"):  # fmt: skip
+        assert needed in context, needed
+
+    # This checkout, whatever it holds beside the code (here: .venv and .venv-fastvideo, several GB).
+    size = sum(build_context(ROOT).values())
+    assert size < 3 * 2**20, f"the build context is {size / 2**20:.1f} MB"
+
+
 def test_dockerfile_installs_dependencies_before_copying_the_code():
     steps = dockerfile_instructions()
     index = {f"{kind} {a}": i for i, (kind, a) in enumerate(steps)}
