@@ -67,6 +67,7 @@ def worker_env(
         MODEL_ID="tiny-wan",
         MODEL_CACHE_DIR=str(model_cache),
         SPOOL_DIR=str(tmp_path / "spool"),
+        HEALTH_DIR=str(tmp_path / "health"),
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from tasks.worker.healthcheck import engine_loaded
-from tests.support import ROOT, free_port, wait_for
+from tests.support import ROOT, RedisServer, free_port, wait_for
 from worker_config.settings import Settings
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -296,9 +296,9 @@ def test_dockerfile_installs_dependencies_before_copying_the_code():
     deps_install = next(i for i, (kind, a) in enumerate(steps) if kind == "RUN" and "fastvideo==" in a)
     code_copy = index["COPY . /app"]
     assert deps_copy < deps_install < code_copy
-    # The build context never carries secrets or the local virtualenv.
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".env", ".venv", ".git"} <= set(ignored)
+    # The build context never carries secrets or the local virtualenvs.
+    sent = {path.split("/")[0] for path in build_context(ROOT)}
+    assert not sent & {".env", ".venv", ".venv-fastvideo", ".git"}
 
 
 def test_dockerfile_requirements_command_reads_the_worker_dependencies(tmp_path):
@@ -527,6 +527,45 @@ def test_healthcheck_passes_only_once_the_worker_loaded_its_model(start_worker, 
     assert code == 1 and elapsed < 15 and "did not answer" in out, out
 
 
+def test_liveness_and_startup_probes_hold_through_a_redis_outage(start_worker, worker_env, tmp_path):
+    redis = RedisServer(tmp_path, persistent=True)
+    env = {**worker_env, "REDIS_URL": redis.url}
+    try:
+        worker = start_worker(wait=False, REDIS_URL=redis.url)
+        name = ("--name", worker.name)
+        # Start-up passes only once the model is loaded; liveness from the start (a load may take minutes).
+        wait_for(lambda: run_healthcheck(env, *name, "--probe", "live")[0] == 0, 60, "the first heartbeat")
+        while not worker.is_ready():
+            code, _, out = run_healthcheck(env, *name, "--probe", "startup")
+            assert code == 1 or "engine loaded" in worker.log, out  # never before the model loaded
+        wait_for(lambda: run_healthcheck(env, *name, "--probe", "startup")[0] == 0, 30, "the start-up probe")
+        assert run_healthcheck(env, *name, "--timeout", "5")[0] == 0  # ready
+
+        redis.kill()  # an outage: the worker is not ready, and must not be restarted for it
+        code, _, out = run_healthcheck(env, *name, "--timeout", "1")
+        assert code == 1, out
+        for probe in ("live", "startup"):
+            code, elapsed, out = run_healthcheck(env, *name, "--probe", probe)
+            assert code == 0 and elapsed < 15 and "healthy" in out, out
+        redis.start()
+        wait_for(lambda: run_healthcheck(env, *name, "--timeout", "2")[0] == 0, 120, "readiness after the outage")
+
+        # A frozen main process (SIGSTOP) stops beating: liveness fails once the heartbeat is too old.
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: run_healthcheck(env, *name, "--probe", "live", "--max-age", "3")[0] == 1, 60,
+                     "liveness to fail on a frozen worker")  # fmt: skip
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        wait_for(lambda: run_healthcheck(env, *name, "--probe", "live", "--max-age", "30")[0] == 0, 60, "a beat")
+
+        worker.stop()  # gone: no liveness
+        code, _, out = run_healthcheck(env, *name, "--probe", "live")
+        assert code == 1 and "unhealthy" in out, out
+    finally:
+        redis.stop()
+
+
 def test_engine_loaded_reads_the_pool_state():
     prefork: dict[str, Any] = {"pool": {"processes": [41], "writes": {"inqueues": {"total": 0, "active": 0}}}}
     assert engine_loaded(prefork)[0] is False
@@ -614,9 +653,13 @@ def test_deploy_doc_kubernetes_manifest_gives_shm_and_one_gpu_per_pod():
     assert pod["securityContext"]["runAsUser"] == int(
         next(a for kind, a in dockerfile_instructions() if kind == "USER").split(":")[0]
     )
-    health = ["python", *image_healthcheck()[1:]]
-    for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"] == health
+    # Start-up and liveness read local files only (a Redis outage restarts nothing); readiness asks Redis.
+    health = ["python", "-m", "tasks.worker.healthcheck"]
+    assert container["startupProbe"]["exec"]["command"] == [*health, "--probe", "startup"]
+    assert container["livenessProbe"]["exec"]["command"] == [*health, "--probe", "live"]
+    assert container["readinessProbe"]["exec"]["command"][:5] == [*health, "--probe", "ready"]
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60  # a first download and load
     env = {e["name"] for e in container["env"]}
     assert env <= SETTINGS and "CUDA_VISIBLE_DEVICES" not in env
     # Every docker run in the guide gives FastVideo's executor its shared memory.

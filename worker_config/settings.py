@@ -15,6 +15,7 @@ names the variable and what is allowed.
 from __future__ import annotations
 
 import functools
+import tempfile
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -118,6 +119,9 @@ class Settings(BrokerSettings):
     # Spooled videos older than this are removed when a pool process starts and when an upload
     # gives up (their task failed, or its retry ran on another host); must outlast the retries.
     SPOOL_MAX_AGE_S: int = Field(24 * 3600, ge=600)
+    # Where the worker leaves its heartbeat and model-loaded markers for the liveness and start-up
+    # probes (tasks/worker/vitals.py), read on the same host without Redis.
+    HEALTH_DIR: Path = Path(tempfile.gettempdir()) / "renderfarm-health"
     RENDER_SOFT_TIME_LIMIT_S: int = Field(1800, ge=1)
     RENDER_TIME_LIMIT_S: int = Field(1900, ge=2)
     # Redis gives an unacknowledged task to another worker once its lease is this old. A running

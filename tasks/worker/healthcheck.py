@@ -1,6 +1,6 @@
-"""Container health check: healthy only when this host's worker has its model loaded.
+"""Health probes of this host's worker: readiness (the default), liveness and start-up.
 
-``python -m tasks.worker.healthcheck [--name render] [--timeout 5]`` exits 0 when the worker
+``--probe ready``: ``python -m tasks.worker.healthcheck [--name render] [--timeout 5]`` exits 0 when the worker
 ``<name>@<this host>`` answers over Celery's control API *and* its pool child has finished
 ``worker_process_init`` (where ``tasks.worker.lifecycle`` loads the engine); 1 otherwise: no
 answer, broker down, invalid settings, or the model still loading.
@@ -12,6 +12,12 @@ sends once its initializer (worker_process_init, the model load) returned. With 
 the load runs in the main process before it consumes, so any answer means loaded. A worker whose
 load fails stops itself and never answers.
 
+``--probe live`` and ``--probe startup`` read only local files the worker writes
+(``tasks.worker.vitals``), never Redis, so a Redis outage never fails them: ``live`` passes while
+the worker's main process beats (its heartbeat is at most ``STALE_S`` old), ``startup`` once a pool
+process of it has loaded its model. Orchestrators restart on liveness and hold liveness back until
+start-up passed (Kubernetes, Salad); readiness only says whether the worker can take work now.
+
 The worker must run under the node name ``<name>@%h`` (compose/worker-entrypoint.sh uses
 ``render@%h``; Celery's ``%h`` is ``socket.gethostname()``). Imports no torch.
 """
@@ -19,12 +25,20 @@ The worker must run under the node name ``<name>@%h`` (compose/worker-entrypoint
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_NAME", "INTERNALS", "node_name", "worker_stats", "engine_loaded", "main"]
+import psutil
+
+from tasks.worker.vitals import STALE_S, node_dir
+from worker_config.settings import get_settings
+
+__all__ = ["DEFAULT_NAME", "INTERNALS", "alive", "engine_loaded", "main", "node_name", "started", "worker_stats"]
 
 # Celery's internals this relies on (checked by tests/test_internals.py against the pinned versions):
 # the prefork pool's `stats` reply counts the pool processes that took a task queue (`writes.inqueues`).
@@ -53,6 +67,29 @@ def worker_stats(node: str, timeout: float) -> dict[str, Any] | None:
     return replies.get(node)
 
 
+def alive(directory: Path, stale_s: float = STALE_S) -> tuple[bool, str]:
+    """(alive?, why) from the heartbeat the worker's main process writes."""
+    try:
+        beat = json.loads((directory / "alive.json").read_text())
+    except (OSError, ValueError):
+        return False, f"no heartbeat in {directory} (worker not started, or stopped)"
+    age = time.time() - float(beat["time"])
+    if not psutil.pid_exists(int(beat["pid"])):
+        return False, f"the worker's main process (pid {beat['pid']}) is gone"
+    if age > stale_s:
+        return False, f"the worker's main process (pid {beat['pid']}) last beat {age:.0f}s ago (limit {stale_s:.0f}s)"
+    return True, f"main process {beat['pid']} beat {age:.0f}s ago"
+
+
+def started(directory: Path) -> tuple[bool, str]:
+    """(started?, why): has a live pool process of the worker loaded its model?"""
+    loaded = sorted(int(p.name.split("-", 1)[1]) for p in directory.glob("loaded-*") if p.name[7:].isdigit())
+    live = [pid for pid in loaded if psutil.pid_exists(pid)]
+    if live:
+        return True, f"pool process(es) {live} loaded the model"
+    return False, "no pool process has loaded the model yet" + (f" (gone: {loaded})" if loaded else "")
+
+
 def engine_loaded(stats: dict[str, Any]) -> tuple[bool, str]:
     """(loaded?, why) from a worker's ``stats`` reply."""
     pool = stats.get("pool") or {}
@@ -73,8 +110,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--name", default=DEFAULT_NAME, help="worker name before '@' (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: 5)")
+    parser.add_argument(
+        "--probe", choices=("ready", "live", "startup"), default="ready",
+        help="ready: answers over Redis with its model loaded (default); live: its main process beats "
+        "(no Redis); startup: a pool process loaded the model (no Redis)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-age", type=float, default=STALE_S,
+        help="live: the oldest heartbeat that still passes, in seconds (default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     node = node_name(args.name)
+    if args.probe != "ready":
+        try:
+            directory = node_dir(get_settings().HEALTH_DIR, node)
+        except Exception as exc:  # noqa: BLE001 - invalid settings: the worker cannot run either
+            print(f"unhealthy: {node}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        ok, why = alive(directory, args.max_age) if args.probe == "live" else started(directory)
+        print(
+            f"{'healthy' if ok else 'unhealthy'} ({args.probe}): {node}: {why}", file=sys.stdout if ok else sys.stderr
+        )
+        return 0 if ok else 1
     try:
         stats = worker_stats(node, args.timeout)
     except Exception as exc:  # noqa: BLE001 - any failure (settings, broker) means unhealthy
