@@ -203,6 +203,28 @@ def workers(
     Console().print(table)
 
 
+@app.command("fetch-model")
+def fetch_model() -> None:
+    """Download MODEL_ID's weights (at MODEL_REVISION) into the cache before a worker starts."""
+    from tasks.engines.weights import WeightsUnavailable, fetch
+    from worker_config.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    console.print(f"fetching {settings.MODEL_ID} ...")
+    try:
+        fetched = fetch(settings)
+    except WeightsUnavailable as exc:
+        _fail(str(exc))
+    revision = f" at {fetched.revision}" if fetched.revision else ""
+    size = fetched.size_bytes / 2**20
+    shown = f"{size / 1024:.2f} GiB" if size >= 1024 else f"{size:.1f} MiB"
+    console.print(f"{fetched.model}{revision}: {shown} in {fetched.path} ({fetched.seconds:.1f} s)")
+    typer.echo(str(fetched.path))
+
+
 @app.command()
 def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.support import PACED, ROOT, free_port, wait_for
 
@@ -99,3 +100,52 @@ def test_commands_fail_in_one_line_without_a_broker(worker_env):
     assert done.stderr.startswith("error: could not reach the broker at REDIS_URL")
     bad = run(["worker", "--dry-run"], {**worker_env, "NUM_GPUS": "0"})
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: invalid settings: NUM_GPUS")
+
+
+def _fake_hub_cache(home: Path, repo: str, commit: str) -> Path:
+    """A Hugging Face cache holding one snapshot of ``repo``, as ``snapshot_download`` leaves it."""
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    (snapshot / "transformer" / "config.json").write_text("{}")
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_fetch_model_gets_the_weights_at_the_pinned_revision(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "HF_"))}
+    env.update(MODEL_CACHE_DIR=str(tmp_path / "models"), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "renderfarm.cli", "fetch-model"]
+
+    built = subprocess.run(command, env={**env, "MODEL_ID": "tiny-wan"}, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert Path(built.stdout.strip()) == tmp_path / "models" / "tiny-wan-v1"
+
+    # A Hub model at a pinned commit, already in the cache (here: no network, HF_HUB_OFFLINE).
+    pinned, other = "a" * 40, "b" * 40
+    snapshot = _fake_hub_cache(tmp_path / "hf", "acme/wan-test", pinned)
+    hub = {**env, "MODEL_ID": "acme/wan-test", "MODEL_REVISION": pinned}
+    found = subprocess.run(command, env=hub, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == snapshot and f"acme/wan-test at {pinned}" in found.stderr
+
+    # Another revision is not that snapshot: a clear refusal, nothing loaded from the wrong weights.
+    missing = subprocess.run(command, env={**hub, "MODEL_REVISION": other}, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert missing.returncode == 1 and not missing.stdout
+    assert f"cannot fetch MODEL_ID=acme/wan-test at MODEL_REVISION={other}" in missing.stderr
+    assert "HF_HUB_OFFLINE" in missing.stderr
+
+
+def test_both_engines_load_a_hub_model_at_model_revision(tmp_path):
+    from tasks.engines.fastvideo_engine import load_options
+    from tasks.engines.weights import hub_revision
+    from worker_config.settings import Settings
+
+    pinned = Settings(MODEL_ID="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", MODEL_REVISION="c" * 40)
+    assert hub_revision(pinned) == "c" * 40 and load_options(pinned, cpu=False)["revision"] == "c" * 40
+    local = Settings(MODEL_ID=str(tmp_path), MODEL_REVISION="c" * 40)  # a directory has no revisions
+    assert hub_revision(local) is None and "revision" not in load_options(local, cpu=False)
+    assert "revision" not in load_options(Settings(MODEL_ID="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"), cpu=False)

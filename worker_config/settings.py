@@ -62,6 +62,8 @@ class Settings(BrokerSettings):
     # Model and engine.
     MODEL_ID: str = Field("tiny-wan", min_length=1)
     MODEL_CACHE_DIR: Path = _DEFAULT_CACHE / "models"
+    # The Hub revision of MODEL_ID's weights (a commit hash pins them; unset follows "main").
+    MODEL_REVISION: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._/-]+$")
     ENGINE: Literal["fastvideo", "diffusers"] | None = None
     DISTRIBUTED_EXECUTOR_BACKEND: Literal["mp", "ray"] = "mp"
     NUM_GPUS: int = Field(1, ge=1, le=64)

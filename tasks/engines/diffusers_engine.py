@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
 from tasks.engines.device import choose_device
+from tasks.engines.weights import hub_revision
 from worker_config.settings import Settings
 
 __all__ = ["DiffusersEngine"]
@@ -31,10 +32,11 @@ class DiffusersEngine:
         self.model_id = settings.MODEL_ID
         self.device = choose_device(settings)
         path = resolve_model_path(settings)
+        revision = hub_revision(settings)  # MODEL_REVISION, for a Hub model
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         # Wan's VAE is numerically fragile in half precision: keep it in fp32 everywhere.
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-        self._pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype).to(self.device)
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32, revision=revision)
+        self._pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype, revision=revision).to(self.device)
         self._pipe.set_progress_bar_config(disable=True)
 
     def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput:

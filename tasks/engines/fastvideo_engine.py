@@ -47,6 +47,7 @@ import psutil
 from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
 from tasks.engines.device import choose_device
 from tasks.engines.second_try import describe_size, with_one_more_try
+from tasks.engines.weights import hub_revision
 from tasks.errors import EngineNotReady, EngineWorkerLost, FatalWorkerError, RenderError
 from worker_config.settings import Settings
 
@@ -63,7 +64,7 @@ LOAD_OPTION_NAMES = frozenset({
     "num_gpus", "distributed_executor_backend", "dit_cpu_offload", "dit_layerwise_offload",
     "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload", "pin_cpu_memory",
     "use_fsdp_inference", "disable_autocast", "dit_precision", "vae_precision", "vae_decode_precision",
-    "VSA_sparsity",
+    "VSA_sparsity", "revision",
 })  # fmt: skip
 REQUEST_SAMPLING_NAMES = ("num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "seed")
 REQUEST_OUTPUT_NAMES = ("output_path", "save_video", "return_frames")
@@ -86,6 +87,8 @@ def load_options(settings: Settings, cpu: bool) -> dict[str, Any]:
         options["dit_precision"] = settings.FASTVIDEO_PRECISION
     if settings.FASTVIDEO_VSA_SPARSITY is not None:
         options["VSA_sparsity"] = settings.FASTVIDEO_VSA_SPARSITY
+    if (revision := hub_revision(settings)) is not None:
+        options["revision"] = revision  # FastVideo downloads and loads the Hub model at MODEL_REVISION
     if cpu:
         options.update(CPU_LOAD_OPTIONS)
     if unknown := set(options) - LOAD_OPTION_NAMES:  # keep the contract test's list complete
