@@ -203,6 +203,18 @@ def workers(
     Console().print(table)
 
 
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port of Flower's UI and API.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")] = "127.0.0.1",
+    db: Annotated[str | None, typer.Option(help="Keep Flower's task history in this file across restarts.")] = None,
+) -> None:
+    """Start Flower with this app loaded (send, follow and cancel renders), behind FLOWER_BASIC_AUTH."""
+    from renderfarm.flower import flower_argv, run_flower
+
+    raise typer.Exit(run_flower(flower_argv(port, address, db)))
+
+
 @app.command("fetch-model")
 def fetch_model() -> None:
     """Download MODEL_ID's weights (at MODEL_REVISION) into the cache before a worker starts."""

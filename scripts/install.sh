@@ -2,9 +2,10 @@
 # Install everything the demo and the tests need, on a fresh Debian/Ubuntu machine. Idempotent,
 # non-interactive (no stdin). What it installs:
 #   - Debian packages: redis-server (broker and result backend), ffmpeg (ffprobe, to inspect MP4s),
-#     iproute2 and nftables (a worker on a bad network, in a namespace of its own: tests/netns.py)
+#     iproute2 and nftables (a worker on a bad network, in a namespace of its own: tests/netns.py),
+#     chromium and chromium-driver (Flower in a real headless browser: tests/test_flower.py)
 #   - .venv/ with torch pinned to the local CPU build (constraints.txt), then the project with its
-#     worker, demo, dev and bench extras, every later install held to the same torch by the constraints.
+#     worker, flower, demo, dev and bench extras, every later install held to the same torch by the constraints.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,8 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v ffprobe >/dev/null || missing+=(ffmpeg)
 command -v nft >/dev/null || missing+=(nftables)  # tests/test_partition.py: packet loss in a namespace
 command -v ip >/dev/null || missing+=(iproute2)
+command -v chromium >/dev/null || missing+=(chromium)  # tests/test_flower.py drives Flower in it
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if ((${#missing[@]})); then
     say "installing Debian packages: ${missing[*]}"
     SUDO=""
@@ -40,8 +43,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     say "installing torch (pinned in constraints.txt: the local CPU build)"
     "${PIP[@]}" torch
 fi
-say "installing the project with its worker, demo, dev and bench extras"
-"${PIP[@]}" -e "$ROOT[worker,demo,dev,bench]"
+say "installing the project with its worker, flower, demo, dev and bench extras"
+"${PIP[@]}" -e "$ROOT[worker,flower,demo,dev,bench]"
 
 "$VENV/bin/python" - <<'PY'
 import celery, diffusers, torch

@@ -50,7 +50,8 @@ SETTINGS = set(Settings.model_fields)
 # Variables compose itself uses that are not worker settings (each documented in .env.example).
 COMPOSE_ONLY = {
     "COMPOSE_PROFILES", "REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH",
-    "REDIS_HOST_PORT", "MINIO_HOST_PORT", "MINIO_CONSOLE_HOST_PORT", "FLOWER_HOST_PORT", "WORKER_IMAGE",
+    "REDIS_HOST_PORT", "REDIS_MAXMEMORY", "MINIO_HOST_PORT", "MINIO_CONSOLE_HOST_PORT", "FLOWER_HOST_PORT",
+    "WORKER_IMAGE",
 }  # fmt: skip
 # Read by libraries in the worker (the Hugging Face hub), passed through unchanged to every worker.
 LIBRARY_VARIABLES = {"HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"}
@@ -127,7 +128,7 @@ def worker_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         name: svc
         for name, svc in doc["services"].items()
-        if svc.get("build", {}).get("dockerfile") == "Dockerfile.worker"
+        if svc.get("build", {}).get("dockerfile") == "Dockerfile.worker" and name != "flower"
     }
 
 
@@ -315,7 +316,8 @@ def test_dockerfile_requirements_command_reads_the_worker_dependencies(tmp_path)
         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
     ).stdout  # fmt: skip
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert out.splitlines() == project["dependencies"] + project["optional-dependencies"]["worker"]
+    extras = project["optional-dependencies"]
+    assert out.splitlines() == project["dependencies"] + extras["worker"] + extras["flower"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,14 +432,24 @@ def test_compose_services_are_configured_for_production():
     (mount,) = [v for v in init["volumes"] if v.split(":")[1] == script]
     assert (ROOT / mount.split(":")[0]).is_file()
 
+    # Flower is `renderfarm flower` from the workers' image: the app loaded, basic auth, its history kept.
     flower = services["flower"]
-    assert "--persistent=True" in flower["command"]
+    assert flower["image"] == services["worker"]["image"] and flower["entrypoint"][-2:] == ["renderfarm", "flower"]
     db = next(arg.split("=", 1)[1] for arg in flower["command"] if arg.startswith("--db="))
-    assert any(db.startswith(v.split(":")[1] + "/") for v in flower["volumes"]), "Flower's db must be on its volume"
+    (volume,) = [v.split(":")[1] for v in flower["volumes"]]
+    assert db.startswith(volume + "/"), "Flower's db must be on its volume"
+    mkdir = next(a for kind, a in dockerfile_instructions() if kind == "RUN" and "mkdir -p" in a)
+    assert volume in mkdir.split() and "chown -R 10001:10001 /var/cache/renderfarm" in mkdir  # writable by uid 10001
     assert flower["environment"]["FLOWER_BASIC_AUTH"] == TEST_SECRETS["FLOWER_BASIC_AUTH"]
     assert str(flower["environment"].get("FLOWER_UNAUTHENTICATED_API", "false")).lower() in ("false", "0", "no")
-    broker = urlsplit(flower["environment"]["CELERY_BROKER_URL"])
+    broker = urlsplit(flower["environment"]["REDIS_URL"])
     assert (broker.hostname, broker.password) == ("redis", password)
+    # Its command is `renderfarm flower`'s own options (it stops at the missing password, not at an option).
+    refused = subprocess.run(
+        [sys.executable, "-m", "renderfarm.cli", "flower", *flower["command"]], cwd=ROOT, capture_output=True,
+        text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"},
+    )  # fmt: skip
+    assert refused.returncode == 1 and "set FLOWER_BASIC_AUTH" in refused.stderr, refused.stderr
 
     gpu_workers = {n: s for n, s in worker_services(doc).items() if "deploy" in s}
     assert "worker" in gpu_workers and "gpu" in gpu_workers["worker"]["profiles"]
@@ -743,8 +755,10 @@ def test_docker_compose_config_gives_each_profile_its_workers(tmp_path):
 def test_the_redis_start_script_keeps_the_password_off_the_command_line(tmp_path):
     port, password = free_port(), "pw-" + "f00d" * 8
     env = {**os.environ, "REDIS_PASSWORD": password}
+    # Compose's own Redis options (persistence, memory limit and policy), then the test's.
+    command = interpolate(compose(), compose_env())["services"]["redis"]["command"]
     server = subprocess.Popen(
-        ["/bin/sh", str(ROOT / "compose" / "redis-start.sh"), "--port", str(port), "--bind", "127.0.0.1",
+        ["/bin/sh", str(ROOT / "compose" / "redis-start.sh"), *command, "--port", str(port), "--bind", "127.0.0.1",
          "--save", "", "--dir", str(tmp_path)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -757,6 +771,10 @@ def test_the_redis_start_script_keeps_the_password_off_the_command_line(tmp_path
             redis.Redis(port=port, socket_connect_timeout=1).get("x")
         assert psutil.Process(server.pid).name() == "redis-server"  # the script exec'd it: signals reach it
         assert password not in " ".join(psutil.Process(server.pid).cmdline())
+        # A broker never evicts a queued task to free memory: at its limit it refuses writes instead.
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 2**30  # REDIS_MAXMEMORY, 1gb by default
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
         client.close()
     finally:
         server.terminate()

@@ -23,6 +23,7 @@ MODULES = [
     "tasks.worker.lifecycle",
     "tasks.worker.logs",
     "tasks.worker.healthcheck",
+    "renderfarm.flower",
 ]
 PINNED = ("celery", "kombu", "billiard")
 

@@ -48,6 +48,7 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
         reason = f"cancelled by request during stage {clock.stage!r}"
         log.info("%s; the model stays loaded", reason)
         task.backend.mark_as_revoked(task.request.id, reason=reason, request=task.request)
+        _send_revoked_event(task)
         raise Ignore() from None
     except SoftTimeLimitExceeded:
         limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
@@ -57,6 +58,16 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
         ) from None
     finally:
         clock.close()  # no PROGRESS lands after the final state Celery writes
+
+
+def _send_revoked_event(task: Task) -> None:
+    """The final event monitors (Flower) need: a task that ends by ``Ignore`` sends none of its own."""
+    if not task.app.conf.worker_send_task_events:
+        return
+    try:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    except Exception as exc:  # noqa: BLE001 - the state in the result backend is what counts
+        log.warning("could not send the task-revoked event: %s", exc)
 
 
 def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
