@@ -36,7 +36,7 @@ def test_every_load_option_is_a_fastvideo_args_or_pipeline_config_field():
         for settings in (Settings(), Settings(FASTVIDEO_PRECISION="bf16", DISTRIBUTED_EXECUTOR_BACKEND="ray")):
             assert set(load_options(settings, cpu)) <= LOAD_OPTION_NAMES
     # The precisions are PipelineConfig fields; all else is a FastVideoArgs field of the same name.
-    precisions = {name for name in LOAD_OPTION_NAMES if name.endswith("_precision")}
+    precisions = {name for name in LOAD_OPTION_NAMES if name.endswith(("_precision", "_precisions"))}
     assert precisions <= field_names(PipelineConfig)
     assert LOAD_OPTION_NAMES - precisions <= field_names(FastVideoArgs)
 

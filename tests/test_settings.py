@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from worker_config.celery_config import celery_config
 from worker_config.settings import Settings, SettingsError, endpoint_parts, get_settings
@@ -113,6 +114,19 @@ def test_fastwan_settings_pass_through_to_fastvideo(clean_env):
     blank = Settings(FASTVIDEO_ATTENTION_BACKEND="", FASTVIDEO_VSA_SPARSITY="")
     assert (blank.FASTVIDEO_ATTENTION_BACKEND, blank.FASTVIDEO_VSA_SPARSITY) == (None, None)
     assert "VSA_sparsity" not in load_options(blank, cpu=False)  # FastVideo's own default stays
+
+
+def test_the_text_encoder_runs_in_bf16_unless_asked(clean_env):
+    from tasks.engines.fastvideo_engine import load_options
+
+    assert load_options(Settings(), cpu=False)["text_encoder_precisions"] == ("bf16",)  # 11.4 GB, not 22.7
+    assert load_options(Settings(FASTVIDEO_TEXT_ENCODER_PRECISION="fp32"), cpu=False)["text_encoder_precisions"] == (
+        "fp32",
+    )
+    assert "text_encoder_precisions" not in load_options(Settings(FASTVIDEO_TEXT_ENCODER_PRECISION="auto"), cpu=False)
+    assert load_options(Settings(), cpu=True)["text_encoder_precisions"] == ("fp32",)  # a CPU computes in fp32
+    with pytest.raises(ValidationError):
+        Settings(FASTVIDEO_TEXT_ENCODER_PRECISION="int4")
 
 
 def test_metrics_listen_on_loopback_unless_asked_and_the_image_asks(clean_env):

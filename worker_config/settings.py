@@ -84,6 +84,10 @@ class Settings(BrokerSettings):
     FASTVIDEO_USE_FSDP_INFERENCE: bool = False  # [use_fsdp_inference]
     # [dit_precision]; "auto" keeps the model's own default (fp32 everywhere on CPU).
     FASTVIDEO_PRECISION: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # [text_encoder_precisions]: Wan's umt5-xxl text encoder (about 5.7 B parameters) is 22.7 GB in
+    # FastVideo's default fp32 and 11.4 GB in bf16, in pinned host memory while it is offloaded:
+    # bf16 fits a 32 GB node (docs/deploy.md#host-memory); "auto" keeps FastVideo's default.
+    FASTVIDEO_TEXT_ENCODER_PRECISION: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"
     # FastVideo's attention backend, read by FastVideo itself from this variable in its workers
     # (FastWan's sparse models: VIDEO_SPARSE_ATTN); unset = FastVideo chooses. The names of its
     # AttentionBackendEnum (0.2.1); tests/test_fastvideo_contract.py checks them against the package.

@@ -57,6 +57,7 @@ CPU_LOAD_OPTIONS: dict[str, Any] = {
     "dit_precision": "fp32",
     "vae_precision": "fp32",
     "vae_decode_precision": "fp32",
+    "text_encoder_precisions": ("fp32",),
 }
 
 _SDPA_BACKEND = "fastvideo.attention.backends.sdpa.SDPABackend"

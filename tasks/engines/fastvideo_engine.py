@@ -64,7 +64,7 @@ LOAD_OPTION_NAMES = frozenset({
     "num_gpus", "distributed_executor_backend", "dit_cpu_offload", "dit_layerwise_offload",
     "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload", "pin_cpu_memory",
     "use_fsdp_inference", "disable_autocast", "dit_precision", "vae_precision", "vae_decode_precision",
-    "VSA_sparsity", "revision",
+    "VSA_sparsity", "revision", "text_encoder_precisions",
 })  # fmt: skip
 REQUEST_SAMPLING_NAMES = ("num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "seed")
 REQUEST_OUTPUT_NAMES = ("output_path", "save_video", "return_frames")
@@ -85,6 +85,8 @@ def load_options(settings: Settings, cpu: bool) -> dict[str, Any]:
     }
     if settings.FASTVIDEO_PRECISION != "auto":
         options["dit_precision"] = settings.FASTVIDEO_PRECISION
+    if settings.FASTVIDEO_TEXT_ENCODER_PRECISION != "auto":  # Wan pipelines have one text encoder
+        options["text_encoder_precisions"] = (settings.FASTVIDEO_TEXT_ENCODER_PRECISION,)
     if settings.FASTVIDEO_VSA_SPARSITY is not None:
         options["VSA_sparsity"] = settings.FASTVIDEO_VSA_SPARSITY
     if (revision := hub_revision(settings)) is not None:
