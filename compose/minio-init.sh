@@ -2,7 +2,8 @@
 # One-shot MinIO setup for docker-compose.yml (runs in the minio/mc image, then exits 0).
 # Idempotent: safe on every `docker compose up`.
 #
-# - creates the bucket MINIO_BUCKET, private (no anonymous access: workers hand out presigned URLs);
+# - creates the bucket MINIO_BUCKET, private (no anonymous access: workers hand out presigned URLs),
+#   with its retention rule when RENDER_RETENTION_DAYS is set;
 # - creates the workers' own MinIO user MINIO_ACCESS_KEY / MINIO_SECRET_KEY with a policy limited
 #   to that bucket, so the root credentials never leave the minio and minio-init containers.
 set -eu
@@ -12,6 +13,17 @@ bucket="${MINIO_BUCKET:-renders}"
 mc alias set farm http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/dev/null
 mc mb --ignore-existing "farm/$bucket"
 mc anonymous set none "farm/$bucket"
+
+# Retention: videos under renders/ expire RENDER_RETENTION_DAYS after they were stored (0: kept).
+# The rule is the bucket's whole lifecycle, imported again on every run (idempotent).
+days="${RENDER_RETENTION_DAYS:-0}"
+if [ "$days" -gt 0 ]; then
+    printf '{"Rules": [{"ID": "renderfarm-retention", "Status": "Enabled", "Filter": {"Prefix": "renders/"}, "Expiration": {"Days": %d}}]}\n' "$days" \
+        | mc ilm import "farm/$bucket"
+    echo "minio-init: videos in $bucket expire after $days days"
+else
+    mc ilm rule rm --id renderfarm-retention "farm/$bucket" >/dev/null 2>&1 || true
+fi
 
 if [ "$MINIO_ACCESS_KEY" = "$MINIO_ROOT_USER" ]; then
     echo "minio-init: workers use the root user (MINIO_ACCESS_KEY = MINIO_ROOT_USER); no bucket-scoped user created"

@@ -16,9 +16,10 @@ from tasks.profiles import profile_for
 from tasks.schemas import Limits, RenderRequest
 from tasks.webhook import check_url
 
-__all__ = ["RenderSpec", "resolve", "seed_for_task", "object_key", "KEY_VERSION"]
+__all__ = ["RenderSpec", "resolve", "seed_for_task", "object_key", "KEY_PREFIX", "KEY_VERSION"]
 
 KEY_VERSION = 1
+KEY_PREFIX = "renders/"  # every video's key starts here (the retention rule applies to it)
 
 # The fields that decide the pixels (``force`` only decides whether to look in the cache).
 _SPEC_FIELDS = (
@@ -80,4 +81,4 @@ def object_key(spec: RenderSpec) -> str:
     """``renders/<2 hex>/<64 hex>.mp4`` from the spec's canonical JSON."""
     canonical = json.dumps({"v": KEY_VERSION, **spec}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
-    return f"renders/{digest[:2]}/{digest}.mp4"
+    return f"{KEY_PREFIX}{digest[:2]}/{digest}.mp4"

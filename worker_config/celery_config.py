@@ -106,7 +106,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
         "task_routes": {**base["task_routes"], "tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE}},
         "worker_send_task_events": True,
-        "result_expires": settings.RESULT_EXPIRES_S,
+        "result_expires": settings.result_expires_s,
         # Time limits and process lifecycle.
         "task_soft_time_limit": settings.RENDER_SOFT_TIME_LIMIT_S,
         "task_time_limit": settings.RENDER_TIME_LIMIT_S,

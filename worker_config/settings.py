@@ -137,6 +137,9 @@ class Settings(BrokerSettings):
     LEASE_RENEW_S: float = Field(30.0, gt=0)
     WORKER_PROC_ALIVE_TIMEOUT_S: float = Field(900.0, gt=4)
     RESULT_EXPIRES_S: int = Field(7 * 24 * 3600, ge=60)
+    # Videos are deleted by the bucket's lifecycle rule this many days after they were stored
+    # (0 = kept for ever); results never outlive them (result_expires_s).
+    RENDER_RETENTION_DAYS: int = Field(0, ge=0, le=36500)
     MAX_DELIVERIES: int = Field(3, ge=1, le=20)
 
     # Request limits.
@@ -206,6 +209,13 @@ class Settings(BrokerSettings):
         return self
 
     # Derived values: computed, never stored twice.
+    @property
+    def result_expires_s(self) -> int:
+        """How long results stay in Redis: RESULT_EXPIRES_S, never longer than the videos they point at."""
+        if self.RENDER_RETENTION_DAYS:
+            return min(self.RESULT_EXPIRES_S, self.RENDER_RETENTION_DAYS * 24 * 3600)
+        return self.RESULT_EXPIRES_S
+
     @property
     def restore_interval_s(self) -> int:
         """How often each worker sweeps Redis for lapsed leases (at most every 10 s)."""

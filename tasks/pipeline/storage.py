@@ -2,7 +2,8 @@
 
 One internal client does the I/O against ``MINIO_ENDPOINT``; presigned URLs are signed for
 ``MINIO_PUBLIC_ENDPOINT`` (what clients can reach) by a second client that never connects
-(the region is given, so signing needs no network call). Buckets are created private.
+(the region is given, so signing needs no network call). Buckets are created private; with
+``RENDER_RETENTION_DAYS`` their lifecycle rule deletes videos that many days after they were stored.
 Every storage failure becomes ``StorageUnavailable`` naming the endpoint and the operation.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,10 @@ from worker_config.settings import Settings, endpoint_parts
 if TYPE_CHECKING:
     from minio import Minio
 
-__all__ = ["StoredVideo", "VideoStore"]
+__all__ = ["RETENTION_RULE_ID", "StoredVideo", "VideoStore"]
+
+log = logging.getLogger("renderfarm.storage")
+RETENTION_RULE_ID = "renderfarm-retention"
 
 _META_PREFIX = "x-amz-meta-"
 
@@ -45,9 +50,10 @@ class VideoStore:
         self._client = _client(settings, settings.MINIO_ENDPOINT, io_timeout=settings.STORAGE_TIMEOUT_S)
         self._signer = _client(settings, settings.public_endpoint, io_timeout=None)
         self._bucket_ready = False
+        self._retention_days = settings.RENDER_RETENTION_DAYS
 
     def ensure_bucket(self) -> None:
-        """Create the bucket (private: no policy) if it does not exist yet."""
+        """Create the bucket (private: no policy) if it does not exist yet; apply the retention rule."""
         if self._bucket_ready:
             return
         from minio.error import S3Error
@@ -59,7 +65,31 @@ class VideoStore:
                 except S3Error as exc:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
+        if self._retention_days:
+            self._apply_retention(self._retention_days)
         self._bucket_ready = True
+
+    def _apply_retention(self, days: int) -> None:
+        """The bucket's lifecycle: videos under KEY_PREFIX expire ``days`` after they were stored.
+        A key without the right (compose's workers: minio-init applies it as the bucket's owner) is
+        told once; storing videos goes on."""
+        from minio.commonconfig import ENABLED, Filter
+        from minio.error import S3Error
+        from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+
+        from tasks.keys import KEY_PREFIX
+
+        rule = Rule(ENABLED, rule_filter=Filter(prefix=KEY_PREFIX), rule_id=RETENTION_RULE_ID,
+                    expiration=Expiration(days=days))  # fmt: skip
+        try:
+            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([rule]))
+        except S3Error as exc:
+            if exc.code != "AccessDenied":
+                raise StorageUnavailable(f"could not set the retention rule of bucket {self.bucket!r}: {exc}") from exc
+            log.warning(
+                "RENDER_RETENTION_DAYS=%d: this key may not set bucket %r's lifecycle (%s); its owner must "
+                "(compose's minio-init does)", days, self.bucket, exc.code,
+            )  # fmt: skip
 
     def find(self, key: str) -> StoredVideo | None:
         """The stored video at ``key``, or None if there is none."""
