@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from tasks.worker.mp_in_pool import PROJECT_ROOT
 
 MODULES = [
+    "tasks.pipeline.progress",
     "tasks.worker.lease",
     "tasks.worker.mp_in_pool",
     "tasks.worker.lifecycle",

@@ -67,6 +67,7 @@ def test_a_worker_cut_off_mid_render_hands_over_and_serves_again(
     keys = [o.object_name for o in s3.list_objects(bucket, recursive=True)]
     assert sorted(keys) == sorted([first.get()["key"], done["key"]])  # the same key: no second object
     succeeded = f"Task tasks.render[{result.id}] succeeded"
+    wait_for(lambda: succeeded in local.log, 30, "the local worker to log its success")
     assert local.log.count(succeeded) + remote.log.count(succeeded) == 1  # no second SUCCESS
     final = producer.AsyncResult(result.id)
     assert final.state == "SUCCESS" and final.result["worker"] == local.hostname  # the first result stands

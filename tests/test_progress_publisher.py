@@ -6,6 +6,8 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from tasks.pipeline.progress import PROGRESS, ProgressPublisher
 from tests.support import wait_for
 
@@ -19,6 +21,11 @@ class SlowBackend:
     def store_result(self, task_id: str, meta: dict, state: str, request: object = None) -> None:
         time.sleep(0.02)
         self.writes.append((task_id, meta, state, threading.current_thread().name))
+
+
+def record(backend: SlowBackend, task_id: str, meta: dict) -> None:
+    """The publisher's write, into the recording backends below."""
+    backend.store_result(task_id, meta, PROGRESS)
 
 
 def fake_task(backend: SlowBackend) -> SimpleNamespace:
@@ -49,7 +56,7 @@ class GatedBackend(SlowBackend):
 
 def test_a_burst_of_updates_sends_the_first_and_the_latest_off_the_render_thread():
     backend = GatedBackend()
-    publisher = ProgressPublisher(min_interval_s=0.1)
+    publisher = ProgressPublisher(min_interval_s=0.1, store=record)
     handed_over = threading.Event()
 
     def render() -> None:
@@ -73,7 +80,7 @@ def test_a_burst_of_updates_sends_the_first_and_the_latest_off_the_render_thread
 
 def test_a_pending_update_goes_out_once_the_interval_has_passed_without_a_drain():
     backend = SlowBackend()
-    publisher = ProgressPublisher(min_interval_s=0.1)
+    publisher = ProgressPublisher(min_interval_s=0.1, store=record)
     submit_steps(publisher, backend, "task-1", range(2))  # a long stage: nothing else is handed over, no drain
     wait_for(lambda: [w[1]["step"] for w in backend.writes][-1:] == [1], 5, "the held-back update to go out")
     publisher.drain()
@@ -81,7 +88,7 @@ def test_a_pending_update_goes_out_once_the_interval_has_passed_without_a_drain(
 
 def test_the_next_renders_first_update_is_not_held_back():
     backend = SlowBackend()
-    publisher = ProgressPublisher(min_interval_s=30.0)  # a held-back update would wait 30 s
+    publisher = ProgressPublisher(min_interval_s=30.0, store=record)  # a held-back update would wait 30 s
     submit_steps(publisher, backend, "task-1", range(2))
     wait_for(lambda: backend.writes, 5, "the first render's first update")
     submit_steps(publisher, backend, "task-2", range(1))  # the next render's first update
@@ -100,7 +107,7 @@ def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
             super().store_result(task_id, meta, state, request)
 
     backend = FlakyBackend()
-    publisher = ProgressPublisher(min_interval_s=0.0)
+    publisher = ProgressPublisher(min_interval_s=0.0, store=record)
     request = SimpleNamespace(id="task-2", hostname="w@h")
     for step in range(3):
         publisher.submit(fake_task(backend), request, {"stage": "denoising", "step": step, "steps": 2})
@@ -123,7 +130,7 @@ def test_settle_drops_the_pending_update_and_waits_for_the_one_being_sent():
             super().store_result(task_id, meta, state, request)
 
     backend = Watched()
-    publisher = ProgressPublisher(min_interval_s=0.1)
+    publisher = ProgressPublisher(min_interval_s=0.1, store=record)
     submit_steps(publisher, backend, "task-1", range(1))  # a render's first update goes out at once
     assert backend.sending.wait(5)  # ... and is being written (20 ms)
     submit_steps(publisher, backend, "task-1", range(1, 3))  # held back: within the interval
@@ -149,7 +156,7 @@ def test_settle_concerns_one_task_only():
             super().store_result(task_id, meta, state, request)
 
     backend = Gated()
-    publisher = ProgressPublisher(min_interval_s=0.1)
+    publisher = ProgressPublisher(min_interval_s=0.1, store=record)
     submit_steps(publisher, backend, "next", range(1))
     assert backend.sending.wait(5)  # the next task's first update is being written, held by the gate
     submit_steps(publisher, backend, "next", range(1, 2))  # and its step 1 is pending
@@ -158,3 +165,44 @@ def test_settle_concerns_one_task_only():
     backend.release.set()
     publisher.drain()
     assert [(w[0], w[1]["step"]) for w in backend.writes] == [("next", 0), ("next", 1)]  # nothing dropped
+
+
+class RacingBackend:
+    """A real Redis result backend that lets another worker write the task's final state right
+    between the progress write's read and its write (a node paused there, then resumed)."""
+
+    def __init__(self, backend, other_worker) -> None:
+        self._backend, self._other = backend, other_worker
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def decode_result(self, payload):
+        self._other()  # the other worker finishes now
+        return self._backend.decode_result(payload)
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")  # Celery's own write, redis-py 8
+def test_a_progress_write_never_replaces_a_final_state(redis_server):
+    from celery import Celery, states
+
+    from tasks.pipeline.progress import store_progress
+
+    redis_server.client.flushall()
+    app = Celery("progress-race", broker=redis_server.url, backend=redis_server.url)
+    backend = app.backend
+    try:
+        assert store_progress(backend, "t1", {"stage": "denoising", "step": 1, "steps": 9})
+        assert backend.get_task_meta("t1")["status"] == PROGRESS
+
+        # The other worker's SUCCESS lands between this write's read and its write: this write yields.
+        racing = RacingBackend(backend, lambda: backend.store_result("t1", {"key": "k"}, states.SUCCESS))
+        assert store_progress(racing, "t1", {"stage": "denoising", "step": 2, "steps": 9}) is False
+        meta = backend.get_task_meta("t1", cache=False)
+        assert (meta["status"], meta["result"]) == (states.SUCCESS, {"key": "k"})
+
+        # And once the state is final, a late update is refused outright.
+        assert store_progress(backend, "t1", {"stage": "denoising", "step": 3, "steps": 9}) is False
+        assert backend.get_task_meta("t1", cache=False)["status"] == states.SUCCESS
+    finally:
+        app.close()

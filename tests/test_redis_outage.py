@@ -58,7 +58,9 @@ def test_a_render_in_flight_survives_a_redis_outage(down_s: int, start_worker, t
         assert done["seed"] == down_s and done["cached"] is False
         assert result.state == "SUCCESS"
         assert worker.log.count(f"seed {down_s} ->") == 1  # rendered once, never started again
-        assert worker.log.count(f"Task tasks.render[{result.id}] succeeded") == 1
+        succeeded = f"Task tasks.render[{result.id}] succeeded"  # logged by the main process after the write
+        wait_for(lambda: succeeded in worker.log, 30, "the worker to log the success")
+        assert worker.log.count(succeeded) == 1
         assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
         assert "could not check whether" in worker.log  # still denoising when Redis left: rendered on
         if down_s == 60:  # finished while Redis was down: its result waited for Redis

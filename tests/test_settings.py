@@ -116,6 +116,12 @@ def test_fastwan_settings_pass_through_to_fastvideo(clean_env):
     assert "VSA_sparsity" not in load_options(blank, cpu=False)  # FastVideo's own default stays
 
 
+def test_a_ca_bundle_must_be_a_file(tmp_path):
+    with pytest.raises(ValidationError, match="MINIO_CA_BUNDLE"):
+        Settings(MINIO_CA_BUNDLE=str(tmp_path / "missing.pem"))
+    assert Settings(MINIO_CA_BUNDLE="").MINIO_CA_BUNDLE is None  # blank: the public CAs
+
+
 def test_the_text_encoder_runs_in_bf16_unless_asked(clean_env):
     from tasks.engines.fastvideo_engine import load_options
 

@@ -79,6 +79,55 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     server.stop()
 
 
+class TlsProxy:
+    """TLS in front of a plain local endpoint (the test S3 server): what a private-CA HTTPS S3 looks like."""
+
+    def __init__(self, upstream_port: int, key: Path, cert: Path) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(cert), str(key))
+        self._upstream = ("127.0.0.1", upstream_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                raw, _ = self._server.accept()
+                client = self._context.wrap_socket(raw, server_side=True)
+            except OSError:  # closed, or a client that refused our certificate
+                if self._server.fileno() == -1:
+                    return
+                continue
+            upstream = socket.create_connection(self._upstream)
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(source, target), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _pipe(source, target) -> None:
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "renderfarm.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
@@ -115,3 +164,27 @@ def test_every_component_works_over_tls_and_nothing_else_gets_in(tls_redis: TlsR
     assert plain.returncode != 0 and "Redis at REDIS_URL does not answer" in plain.stdout + plain.stderr
     other = cli({**env, "REDIS_URL": tls_redis.url_with(tls_redis.other_ca)}, "doctor", "--producer")
     assert other.returncode != 0 and "certificate verify failed" in other.stdout + other.stderr
+
+
+def test_storage_over_https_with_a_private_ca(start_worker, worker_env, producer: Celery, s3_server, s3, bucket,
+                                              tmp_path: Path):  # fmt: skip
+    ca_key, ca = make_ca(tmp_path, "storage-ca")
+    key, cert = make_server_cert(tmp_path, ca_key, ca)
+    _, other_ca = make_ca(tmp_path, "other-ca")
+    proxy = TlsProxy(s3_server.port, key, cert)
+    https = {"MINIO_ENDPOINT": f"https://127.0.0.1:{proxy.port}", "MINIO_CA_BUNDLE": str(ca)}
+    try:
+        worker = start_worker(**https)
+        done = producer.send_task("tasks.render", kwargs={"prompt": "stored over https", "seed": 2},
+                                  queue="render").get(timeout=120)  # fmt: skip
+        assert done["worker"] == worker.hostname
+        assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+
+        env = {**worker_env, **https}
+        ok = cli(env, "doctor", "--producer")
+        assert ok.returncode == 0 and "ok   storage" in ok.stderr, ok.stderr
+        for refused in ({"MINIO_CA_BUNDLE": str(other_ca)}, {"MINIO_CA_BUNDLE": ""}):  # another CA; the public CAs
+            out = cli({**env, **refused}, "doctor", "--producer")
+            assert out.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in out.stderr, out.stderr
+    finally:
+        proxy.close()

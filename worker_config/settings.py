@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -55,6 +55,9 @@ class Settings(BrokerSettings):
     MINIO_BUCKET: str = Field("renders", min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
     MINIO_SECURE: bool = False
     MINIO_REGION: str = "us-east-1"
+    # CA certificates (PEM) to trust for MINIO_ENDPOINT over HTTPS, for a private CA; unset: the
+    # public CAs (certifi).
+    MINIO_CA_BUNDLE: FilePath | None = None
     PRESIGN_EXPIRES_S: int = Field(24 * 3600, ge=60, le=7 * 24 * 3600)
     STORAGE_TIMEOUT_S: float = Field(10.0, gt=0, le=600)
     STORAGE_MAX_RETRIES: int = Field(6, ge=0, le=50)
@@ -172,7 +175,8 @@ class Settings(BrokerSettings):
     def _blank_engine_is_auto(cls, value: object) -> object:
         return None if value in ("", "auto") else value
 
-    @field_validator("FASTVIDEO_ATTENTION_BACKEND", "FASTVIDEO_VSA_SPARSITY", mode="before")
+    @field_validator("FASTVIDEO_ATTENTION_BACKEND", "FASTVIDEO_VSA_SPARSITY", "MINIO_CA_BUNDLE", "MODEL_REVISION",
+                     mode="before")  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

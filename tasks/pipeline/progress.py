@@ -3,7 +3,7 @@
 ``StageClock`` moves the task through stages (``PROGRESS`` state with ``{"stage", "step",
 "steps"}`` as its info) and records the seconds spent in each; ``timings()`` is what the
 result reports. ``ProgressPublisher`` sends those updates from a background thread, so the
-render never waits on Redis for them.
+render never waits on Redis for them; ``store_progress`` never lets one replace a final state.
 """
 
 from __future__ import annotations
@@ -12,9 +12,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MIN_STEP_INTERVAL_S", "PROGRESS", "ProgressPublisher", "StageClock"]
+__all__ = ["INTERNALS", "MIN_STEP_INTERVAL_S", "PROGRESS", "ProgressPublisher", "StageClock", "store_progress"]
+
+# The Redis result backend's members the progress write uses (checked by tests/test_internals.py).
+INTERNALS = (
+    "celery.backends.redis.RedisBackend.client",
+    "celery.backends.redis.RedisBackend.get_key_for_task",
+    "celery.backends.redis.RedisBackend.encode",
+    "celery.backends.redis.RedisBackend.decode_result",
+    "celery.backends.base.Backend.prepare_expires",  # what sets backend.expires (the results' TTL)
+)
 
 log = logging.getLogger("renderfarm.progress")
 PROGRESS = "PROGRESS"
@@ -104,7 +114,14 @@ class ProgressPublisher:
     ``drain()`` instead sends the pending update and returns once it is out.
     """
 
-    def __init__(self, min_interval_s: float = MIN_STEP_INTERVAL_S, drain_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        min_interval_s: float = MIN_STEP_INTERVAL_S,
+        drain_timeout_s: float = 30.0,
+        store: Callable[[Any, str, dict[str, Any]], object] | None = None,
+    ) -> None:
+        """``store(backend, task_id, meta)`` writes one update (default: ``store_progress``)."""
+        self._store = store or store_progress
         self._interval = min_interval_s
         self._drain_timeout_s = drain_timeout_s
         self._thread: threading.Thread | None = None
@@ -196,10 +213,9 @@ class ProgressPublisher:
                     self._sending, self._last = None, (request.id, time.monotonic())
                     self._cond.notify_all()
 
-    @staticmethod
-    def _send(task: Any, request: Any, meta: dict[str, Any]) -> None:
+    def _send(self, task: Any, request: Any, meta: dict[str, Any]) -> None:
         try:
-            task.backend.store_result(request.id, meta, PROGRESS, request=request)
+            self._store(task.backend, request.id, meta)
         except Exception as exc:  # noqa: BLE001 - progress must never fail a render
             log.warning("could not write the progress of %s: %s", request.id, exc)
         if task.app.conf.worker_send_task_events:
@@ -210,6 +226,37 @@ class ProgressPublisher:
                     dispatcher.send("task-progress", uuid=request.id, retry=False, **meta)
             except Exception as exc:  # noqa: BLE001
                 log.debug("could not send a task-progress event: %s", exc)
+
+
+def store_progress(backend: Any, task_id: str, meta: dict[str, Any]) -> bool:
+    """Write ``PROGRESS`` with ``meta`` as the task's state unless its state is final; False if it was.
+
+    Celery's own write reads the state, then writes: not atomic. A worker paused (or cut off)
+    between the two overwrote the ``SUCCESS`` another worker had written meanwhile with its stale
+    ``PROGRESS`` (tests/test_leases.py caught it). Here the read and the write are one Redis
+    transaction (WATCH): a final state written in between aborts this write. Published on the
+    key's channel like Celery's writes, for producers waiting in ``.get(on_message=...)``.
+    """
+    import redis
+    from celery import states
+
+    key = backend.get_key_for_task(task_id)
+    payload = backend.encode(
+        {"status": PROGRESS, "result": meta, "traceback": None, "children": [], "date_done": None, "task_id": task_id}
+    )
+    with backend.client.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            current = pipe.get(key)
+            if current and backend.decode_result(current).get("status") in states.READY_STATES:
+                return False
+            pipe.multi()
+            pipe.set(key, payload, ex=int(backend.expires) if backend.expires else None)
+            pipe.publish(key, payload)
+            pipe.execute()
+        except redis.WatchError:  # the state changed between the read and the write: a final one won
+            return False
+    return True
 
 
 PUBLISHER = ProgressPublisher()

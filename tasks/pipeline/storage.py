@@ -146,7 +146,7 @@ def _client(settings: Settings, endpoint: str, io_timeout: float | None) -> Mini
 
         http = urllib3.PoolManager(
             cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
+            ca_certs=str(settings.MINIO_CA_BUNDLE) if settings.MINIO_CA_BUNDLE else certifi.where(),
             timeout=urllib3.Timeout(connect=io_timeout, read=max(io_timeout, 60.0)),
             retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
             maxsize=4,
