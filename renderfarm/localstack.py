@@ -24,6 +24,7 @@ __all__ = [
     "RedisServer",
     "S3Server",
     "SlowS3Proxy",
+    "relay",
     "WorkerProcess",
     "free_port",
     "wait_for",
@@ -177,6 +178,21 @@ class WorkerProcess:
         self.stop()
 
 
+def relay(source: Any, target: Any, before_send: Callable[[bytes], None] | None = None) -> None:
+    """Copy what ``source`` receives to ``target`` until either side closes; then close both."""
+    try:
+        while data := source.recv(65536):
+            if before_send is not None:
+                before_send(data)
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
 class SlowS3Proxy:
     """A TCP proxy in front of the S3 endpoint that holds every request of ``methods`` for ``delay_s``.
 
@@ -208,26 +224,15 @@ class SlowS3Proxy:
             except OSError:
                 return
             upstream = socket.create_connection(self._upstream)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=relay, args=(client, upstream, self._hold), daemon=True).start()
+            threading.Thread(target=relay, args=(upstream, client), daemon=True).start()
 
-    def _pipe(self, source, target, to_server: bool) -> None:
+    def _hold(self, data: bytes) -> None:
         import time
 
-        try:
-            while data := source.recv(65536):
-                if to_server and data.startswith(self._methods):
-                    time.sleep(self.delay_s)
-                    self.held.append((data.split(b" ", 1)[0].decode(), time.monotonic()))
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
+        if data.startswith(self._methods):
+            time.sleep(self.delay_s)
+            self.held.append((data.split(b" ", 1)[0].decode(), time.monotonic()))
 
     def stop(self) -> None:
         self._closed.set()

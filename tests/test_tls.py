@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from renderfarm.localstack import free_port, wait_for
+from renderfarm.localstack import free_port, relay, wait_for
 from tests.support import PACED, ROOT
 from tests.test_monitoring import scrape, value
 from worker_config.celery_config import app_config
@@ -108,24 +108,10 @@ class TlsProxy:
                 continue
             upstream = socket.create_connection(self._upstream)
             for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(source, target), daemon=True).start()
+                threading.Thread(target=relay, args=(source, target), daemon=True).start()
 
     def close(self) -> None:
         self._server.close()
-
-
-def _pipe(source, target) -> None:
-    try:
-        while data := source.recv(65536):
-            target.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, target):
-            try:
-                sock.close()
-            except OSError:
-                pass
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
