@@ -167,6 +167,10 @@ class RenderResult(BaseModel):
     # before the render). None when served from storage.
     peak_memory_mb: float | None = None
     memory_source: str | None = None
+    # The video's poster (its middle frame, JPEG) beside it in the bucket, and a presigned URL with
+    # the same expiry; None for a video stored before posters existed.
+    poster_key: str | None = None
+    poster_url: str | None = None
 
 
 def parse_request(kwargs: dict[str, Any]) -> RenderRequest:

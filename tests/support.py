@@ -33,6 +33,7 @@ __all__ = [
     "watch_events",
     "render_too_big_for",
     "uncap",
+    "videos_in",
 ]
 
 # A worker started with this environment paces every render step to at least 0.1 s (tests/pacing.py),
@@ -96,6 +97,11 @@ def render_too_big_for(process: psutil.Process, producer: Any) -> BaseException:
 
 def uncap(process: psutil.Process) -> None:
     subprocess.run(["prlimit", f"--pid={process.pid}", "--as=unlimited"], check=True)
+
+
+def videos_in(client: Any, bucket: str) -> list[Any]:
+    """The MP4 objects in ``bucket`` (each video's poster JPEG beside it is left out)."""
+    return [o for o in client.list_objects(bucket, recursive=True) if o.object_name.endswith(".mp4")]
 
 
 def minio_client(server: S3Server):

@@ -7,7 +7,7 @@ import time
 import pytest
 from celery import Celery
 
-from tests.support import wait_for
+from tests.support import videos_in, wait_for
 
 # docs/api.md's table of hostile requests, row by row: (the request as the table names it, the
 # kwargs sent, the message after "invalid render request: "). tests/test_docs.py checks they agree.
@@ -91,5 +91,5 @@ def test_a_pickled_message_is_refused_and_never_runs(start_worker, producer: Cel
     wait_for(lambda: "Refusing to deserialize untrusted content of type pickle" in worker.log, 30, "the refusal")
     good = producer.send_task("tasks.render", kwargs={"prompt": "json is fine"}, queue="render").get(timeout=120)
     assert pickled.state == "PENDING" and pickled.id not in worker.log  # never decoded, never run
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [good["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [good["key"]]
     assert worker.log.count("render tiny-wan:") == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from tasks.cancel import cancel
-from tests.support import PACED, wait_for
+from tests.support import PACED, videos_in, wait_for
 
 # 60 steps paced to at least 0.1 s each (tests/pacing.py): still running when the test cancels it.
 SLOW = {"prompt": "a long render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 60}
@@ -29,4 +29,4 @@ def test_cancel_running_and_queued_renders_keeps_the_model_loaded(start_worker, 
 
     after = producer.send_task("tasks.render", kwargs={"prompt": "after the cancel"}, queue="render").get(timeout=120)
     assert after["worker_pid"] == child and worker.log.count("engine loaded") == 1
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [after["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [after["key"]]

@@ -21,7 +21,7 @@ from tests.fastvideo_support import (
     stop_leaves_nothing,
     wait_gone,
 )
-from tests.support import download_verified, wait_for, wait_for_denoising
+from tests.support import download_verified, videos_in, wait_for, wait_for_denoising
 
 try:
     import fastvideo  # noqa: F401
@@ -59,6 +59,7 @@ def test_render_through_the_queue_with_fastvideo_on_cpu(
     assert first["engine"] == "fastvideo" and first["model"] == "tiny-wan" and first["cached"] is False
     assert (first["width"], first["height"], first["num_frames"], first["fps"]) == (80, 48, 13, 12)
     stream = download_verified(first, tmp_path / "video.mp4")  # size and sha256 match the result
+    assert first["poster_key"] == first["key"].removesuffix(".mp4") + ".jpg"  # from the MP4 FastVideo wrote
     assert stream["codec_name"] == "h264"
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
     assert stream["avg_frame_rate"] == "12/1"
@@ -66,9 +67,7 @@ def test_render_through_the_queue_with_fastvideo_on_cpu(
     # Loaded once: both renders in the same pool child, through the same FastVideo worker.
     assert first["worker_pid"] == second["worker_pid"] and worker.log.count("engine loaded") == 1
     assert [p.pid for p in fastvideo_workers(worker)] == [fv_worker.pid]
-    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(
-        [first["key"], second["key"]]
-    )
+    assert sorted(o.object_name for o in videos_in(s3, bucket)) == sorted([first["key"], second["key"]])
     # FastVideo wrote the MP4 in its private directory; the task moved it out: nothing left behind.
     assert list(Path(worker_env["SPOOL_DIR"]).rglob("*.mp4")) == []
 
@@ -87,7 +86,7 @@ def test_pool_child_killed_mid_render_takes_its_fastvideo_worker_along(start_wor
     done = result.get(timeout=300)
     assert done["worker_pid"] != child.pid and done["engine"] == "fastvideo"
     assert worker.log.count("engine loaded") == 2
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
     assert len(fastvideo_workers(worker)) == 1  # only the replacement child's
 
 

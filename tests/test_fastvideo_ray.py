@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 
 from tests.fastvideo_support import command_line, ray_processes, session_processes, stop_leaves_nothing, wait_gone
-from tests.support import download_verified, wait_for, wait_for_denoising
+from tests.support import download_verified, videos_in, wait_for, wait_for_denoising
 
 pytest.importorskip("fastvideo", reason="fastvideo is not installed: run scripts/install-fastvideo.sh")
 pytest.importorskip("ray", reason="ray is not installed: run scripts/install-fastvideo.sh")
@@ -70,9 +70,7 @@ def test_render_through_the_queue_with_the_ray_executor_on_cpu(
     assert f"[ray worker pid {actor.pid}] INFO renderfarm.fastvideo.cpu: FastVideo CPU-compatibility layer" in (
         worker.log
     )
-    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(
-        [first["key"], second["key"]]
-    )
+    assert sorted(o.object_name for o in videos_in(s3, bucket)) == sorted([first["key"], second["key"]])
     assert list(Path(worker_env["SPOOL_DIR"]).rglob("*.mp4")) == []
 
     # Warm shutdown: the engine shuts Ray down; nothing of the worker's session is left.
@@ -95,7 +93,7 @@ def test_pool_child_killed_mid_render_takes_its_ray_instance_along(start_worker,
     done = result.get(timeout=300)  # redelivered to the replacement child, which started its own Ray
     assert done["worker_pid"] != child.pid and done["engine"] == "fastvideo"
     assert worker.log.count("engine loaded") == 2
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
     # Ray's two agents wait up to 60 s to report their raylet's death to the dead GCS, then exit.
     wait_gone([p.pid for p in old_ray], timeout=120)
     [new_child] = worker.pool_children()
@@ -137,7 +135,7 @@ def test_a_dead_ray_worker_gets_one_more_try_then_a_clear_error_and_the_child_ke
     assert done["worker_pid"] == child.pid and done["engine"] == "fastvideo"
     assert "FastVideo's Ray worker died during the render" in worker.log and "trying once more" in worker.log
     assert worker.log.count("engine loaded") == 1  # the pool child kept its process and its Ray instance
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
     second = new_actor(child, replacing=actor)
 
     # Killed on the retry too: a clear, final error; no loop, no redelivery, the child serves on.

@@ -15,7 +15,7 @@ from celery import Celery
 
 from tasks.cancel import cancel
 from tests.fastvideo_support import command_line, fastvideo_workers, ray_processes
-from tests.support import free_port, render_too_big_for, uncap, wait_for, watch_events
+from tests.support import free_port, render_too_big_for, uncap, videos_in, wait_for, watch_events
 from tests.test_monitoring import scrape, value
 
 try:
@@ -107,7 +107,7 @@ def test_cancel_stops_a_fastvideo_render_at_a_step_and_the_same_worker_serves_on
     assert 2 <= stopped_after < steps and "FastVideo forward ended early" in worker.log
     # Nothing of it anywhere: no object, no file in FastVideo's output directory or the spool.
     assert [path for path in Path(worker_env["SPOOL_DIR"]).rglob("*") if path.is_file()] == []
-    assert list(s3.list_objects(bucket, recursive=True)) == []
+    assert list(videos_in(s3, bucket)) == []
 
     after = producer.send_task("tasks.render", kwargs={"prompt": "after the cancel"}, queue="render").get(timeout=180)
     assert after["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1

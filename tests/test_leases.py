@@ -11,7 +11,7 @@ import signal
 
 from celery import Celery
 
-from tests.support import PACED, wait_for
+from tests.support import PACED, videos_in, wait_for
 
 LEASE = {"VISIBILITY_TIMEOUT_S": "4", "LEASE_RENEW_S": "1", **PACED}
 # 150 steps paced to at least 0.1 s each: a render of 15 s or more on any CPU.
@@ -37,7 +37,7 @@ def test_a_slow_healthy_render_is_never_started_twice(start_worker, producer: Ce
     assert done["worker"] == first.hostname
     assert renders_started(first, second) == 1
     assert result.id not in second.log  # its lease never lapsed: the sweeping worker never received it
-    assert len(list(s3.list_objects(bucket, recursive=True))) == 1
+    assert len(list(videos_in(s3, bucket))) == 1
 
 
 def received(result, *workers) -> int:
@@ -51,7 +51,7 @@ def test_a_task_waiting_for_its_countdown_is_never_handed_to_another_worker(star
     done = result.get(timeout=180)
     assert received(result, *workers) == 1  # its lease never lapsed: no worker received it twice
     assert renders_started(*workers) == 1
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
 
 
 def test_leases_follow_kombus_configured_key_names(start_worker, redis_server, s3, bucket):
@@ -86,7 +86,7 @@ def test_a_killed_node_gives_its_task_to_another_worker(start_worker, producer: 
 
     done = result.get(timeout=300)
     assert done["worker"] == survivor.hostname
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
 
 
 def test_a_paused_node_that_resumes_leaves_one_object_and_one_result(start_worker, producer: Celery, s3, bucket):
@@ -104,7 +104,7 @@ def test_a_paused_node_that_resumes_leaves_one_object_and_one_result(start_worke
     wait_for(lambda: f"task {result.id} already succeeded" in paused.log, 300, "the resumed worker to end its copy")
 
     assert renders_started(paused, other) == 2  # both rendered: the pause was real
-    objects = list(s3.list_objects(bucket, recursive=True))
+    objects = list(videos_in(s3, bucket))
     assert [o.object_name for o in objects] == [done["key"]]  # the same key: still one object
     stored = s3.stat_object(bucket, done["key"])
     assert stored.metadata["x-amz-meta-sha256"] == done["sha256"]  # seeded: both copies are the same bytes

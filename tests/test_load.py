@@ -9,7 +9,7 @@ import time
 
 from celery import Celery
 
-from tests.support import wait_for
+from tests.support import videos_in, wait_for
 
 COUNT = 200
 
@@ -34,7 +34,7 @@ def test_hundreds_of_renders_across_two_workers_with_a_restart(start_worker, pro
     assert sorted(r["seed"] for r in results) == list(range(COUNT))
     keys = {r["key"] for r in results}
     assert len(keys) == COUNT
-    objects = [o.object_name for o in s3.list_objects(bucket, recursive=True)]
+    objects = [o.object_name for o in videos_in(s3, bucket)]
     assert sorted(objects) == sorted(keys)  # exactly one object per task, none extra
     logs = [first.log, second.log, restarted.log]
     assert sum(log.count(": render tiny-wan:") for log in logs) == COUNT  # each rendered exactly once

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.support import PACED, RedisServer, wait_for
+from tests.support import PACED, RedisServer, videos_in, wait_for
 from worker_config.celery_config import app_config
 from worker_config.settings import BrokerSettings
 
@@ -61,7 +61,7 @@ def test_a_render_in_flight_survives_a_redis_outage(down_s: int, start_worker, t
         succeeded = f"Task tasks.render[{result.id}] succeeded"  # logged by the main process after the write
         wait_for(lambda: succeeded in worker.log, 30, "the worker to log the success")
         assert worker.log.count(succeeded) == 1
-        assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+        assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
         assert "could not check whether" in worker.log  # still denoising when Redis left: rendered on
         if down_s == 60:  # finished while Redis was down: its result waited for Redis
             assert done["timings"]["total"] < down_s

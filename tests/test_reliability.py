@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.support import PACED, RedisServer, S3Server, free_port, minio_client, wait_for
+from tests.support import PACED, RedisServer, S3Server, free_port, minio_client, videos_in, wait_for
 
 SLOW = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40}  # paced: 4 s or more
 
@@ -28,7 +28,7 @@ def test_storage_down_retries_the_upload_without_rendering_again(start_worker, p
         assert done["cached"] is False
         assert "denoising" not in done["timings"]  # the retry uploaded the spooled MP4, it did not render
         assert worker.log.count("found renders/") >= 1 and "in the spool from an earlier attempt" in worker.log
-        objects = list(minio_client(s3).list_objects(bucket, recursive=True))
+        objects = list(videos_in(minio_client(s3), bucket))
         assert [o.object_name for o in objects] == [done["key"]]
         stat = minio_client(s3).stat_object(bucket, done["key"])
         assert stat.size == done["size_bytes"]
@@ -67,7 +67,7 @@ def test_redis_restart_loses_no_queued_task(start_worker, worker_env, tmp_path, 
         assert after["seed"] == 9
         assert "Connection to broker lost" in worker.log or "Cannot connect to redis" in worker.log
         assert worker.log.count("seed 7 ->") == 1  # the render in flight was not started again
-        keys = sorted(o.object_name for o in s3.list_objects(bucket, recursive=True))
+        keys = sorted(o.object_name for o in videos_in(s3, bucket))
         assert keys == sorted(r["key"] for r in (first, during, after, *results))  # one object each
     finally:
         client.close()
@@ -88,7 +88,7 @@ def test_a_request_sent_again_under_its_task_id_after_it_succeeded_is_dropped(
     assert rendered["cached"] is False and worker.log.count("(cached=False)") == 1  # rendered once
     assert worker.log.count(f"Task tasks.render[{first.id}] succeeded") == 1  # one SUCCESS
     assert producer.AsyncResult(first.id).get(timeout=60)["key"] == rendered["key"]  # still the one result
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [rendered["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [rendered["key"]]
 
 
 class RefusingStorage:

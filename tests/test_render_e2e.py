@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import urllib.request
+
 import pytest
 from celery import Celery
 from minio.error import S3Error
+from PIL import Image
 
-from tests.support import PACED, download_verified
+from tests.support import PACED, download_verified, videos_in
 
 STAGE_ORDER = ["validating", "checking_cache", "encoding_prompt", "denoising", "decoding", "encoding", "uploading"]
 
@@ -40,8 +44,16 @@ def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: C
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
     assert stream["avg_frame_rate"] == "12/1"
 
-    # Exactly one object was written, under the derived key; the bucket is private (no policy).
-    assert [obj.object_name for obj in s3.list_objects(bucket, recursive=True)] == [result["key"]]
+    # Exactly two objects were written: the video under the derived key and its poster beside it.
+    poster_key = result["key"].removesuffix(".mp4") + ".jpg"
+    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted([result["key"], poster_key])
+    # The poster: the middle frame as a JPEG of the video's size, behind a presigned URL like the video's.
+    assert result["poster_key"] == poster_key and f"X-Amz-Expires={result['url_expires_s']}&" in result["poster_url"]
+    with urllib.request.urlopen(result["poster_url"], timeout=30) as response:
+        assert response.headers["Content-Type"] == "image/jpeg"
+        poster = Image.open(io.BytesIO(response.read()))
+    assert (poster.format, poster.size) == ("JPEG", (80, 48))
+    # The bucket is private (no policy).
     with pytest.raises(S3Error) as no_policy:
         s3.get_bucket_policy(bucket)
     assert no_policy.value.code == "NoSuchBucketPolicy"
@@ -68,10 +80,11 @@ def test_same_request_is_one_object_and_served_from_storage(start_worker, produc
     forced = producer.send_task("tasks.render", kwargs={**kwargs, "force": True}, queue="render").get(timeout=120)
 
     assert first["key"] == second["key"] == forced["key"]
+    assert first["poster_key"] == second["poster_key"] is not None  # served from storage: its poster too
     assert (first["cached"], second["cached"], forced["cached"]) == (False, True, False)
     assert second["sha256"] == first["sha256"] == forced["sha256"]  # seeded: the same pixels
     assert "denoising" not in second["timings"]
-    assert len(list(s3.list_objects(bucket, recursive=True))) == 1
+    assert len(list(videos_in(s3, bucket))) == 1
 
 
 def test_progress_states_are_visible_to_the_producer(start_worker, producer: Celery, redis_server):

@@ -16,7 +16,7 @@ import pytest
 from celery import Celery
 
 from renderfarm.localstack import free_port, relay, wait_for
-from tests.support import PACED, ROOT
+from tests.support import PACED, ROOT, videos_in
 from tests.test_monitoring import scrape, value
 from worker_config.celery_config import app_config
 from worker_config.settings import BrokerSettings
@@ -164,7 +164,7 @@ def test_storage_over_https_with_a_private_ca(start_worker, worker_env, producer
         done = producer.send_task("tasks.render", kwargs={"prompt": "stored over https", "seed": 2},
                                   queue="render").get(timeout=120)  # fmt: skip
         assert done["worker"] == worker.hostname
-        assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+        assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
 
         env = {**worker_env, **https}
         ok = cli(env, "doctor", "--producer")

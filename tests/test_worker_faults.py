@@ -9,7 +9,7 @@ import psutil
 import pytest
 from celery import Celery
 
-from tests.support import PACED, render_too_big_for, uncap, wait_for, wait_for_denoising
+from tests.support import PACED, render_too_big_for, uncap, videos_in, wait_for, wait_for_denoising
 
 # Workers that must catch a render mid-way are started with PACED: 40 steps of at least 0.1 s each.
 SLOW = {"prompt": "a slow render", "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40, "seed": 11}
@@ -49,7 +49,7 @@ def test_pool_child_killed_mid_render_is_replaced_and_the_task_completes_once(
     assert done["worker_pid"] != first_child
     assert worker.log.count("engine loaded") == 2  # the replacement child loaded the model again
     assert "WorkerLostError" in worker.log or "Process 'ForkPoolWorker-1' pid:" in worker.log
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
     assert done["cached"] is False
 
 
@@ -91,7 +91,7 @@ def test_soft_time_limit_stops_the_render_with_a_clear_error(start_worker, produ
     # The pool process survived, kept its model, and serves the next request.
     after = producer.send_task("tasks.render", kwargs={"prompt": "quick"}, queue="render").get(timeout=120)
     assert after["worker_pid"] == child and worker.log.count("engine loaded") == 1
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [after["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [after["key"]]
 
 
 def test_out_of_memory_is_retried_once_then_fails_naming_the_size(start_worker, producer: Celery):

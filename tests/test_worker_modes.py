@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.support import SlowS3Proxy, free_port, wait_for
+from tests.support import SlowS3Proxy, free_port, videos_in, wait_for
 from worker_config.celery_config import celery_config
 from worker_config.settings import Settings
 
@@ -60,7 +60,7 @@ def test_buffer_mode_uploads_while_the_next_video_renders(start_worker, producer
     stages: list[str] = []
     results = render_three(producer, stages)
 
-    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(r["key"] for r in results)
+    assert sorted(o.object_name for o in videos_in(s3, bucket)) == sorted(r["key"] for r in results)
     assert all(r["timings"]["uploading"] >= 1.5 for r in results)  # the uploads really were slow
     assert stages[-1] == "uploading"  # shown while the upload ran in the background, then SUCCESS
     log = worker.log
@@ -73,7 +73,7 @@ def test_queue_mode_acknowledges_only_after_the_upload(start_worker, producer: C
     worker = start_worker(WORKER_MODE="queue", MINIO_ENDPOINT=slow_storage.endpoint)
     results = render_three(producer)
 
-    assert len(list(s3.list_objects(bucket, recursive=True))) == 3
+    assert len(list(videos_in(s3, bucket))) == 3
     log = worker.log
     assert logged_at(log, f"done in {results[0]['timings']['total']:.2f}s") < logged_at(log, "seed 1 -> ")
     assert "background" not in log
@@ -94,9 +94,7 @@ def test_recycled_pool_process_loads_the_model_again_and_loses_nothing(
     assert first["worker_pid"] != second["worker_pid"]  # recycled between the two tasks
     wait_for(lambda: worker.log.count("engine loaded") >= 3, 60, "the third pool process to load the model")
     assert worker.log.count(": render tiny-wan:") == 2  # each rendered once
-    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(
-        [first["key"], second["key"]]
-    )
+    assert sorted(o.object_name for o in videos_in(s3, bucket)) == sorted([first["key"], second["key"]])
     assert first["peak_memory_mb"] > 50 and first["memory_source"] == "rss"
 
 
@@ -145,7 +143,7 @@ def test_a_buffer_mode_retry_on_another_host_renders_the_video_again(
     done = result.get(timeout=180)
     assert done["worker"] == second.hostname and "denoising" in done["timings"]  # rendered again here
     assert "in the spool from an earlier attempt" not in second.log
-    assert [o.object_name for o in s3.list_objects(bucket, recursive=True)] == [done["key"]]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]
 
 
 def test_the_spool_forgets_what_nothing_will_come_back_for(start_worker, worker_env):

@@ -11,6 +11,7 @@ with ``RenderTimeout``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from celery import Task
@@ -26,7 +27,7 @@ from tasks.pipeline.s1_validate import validate
 from tasks.pipeline.s2_admit import delivery, drop_if_succeeded
 from tasks.pipeline.s3_lookup import ServedFromStorage, StorageLookup, serve_if_stored
 from tasks.pipeline.s4_generate import generate
-from tasks.pipeline.s5_encode import encode, video_metadata
+from tasks.pipeline.s5_encode import encode, video_metadata, write_poster
 from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
@@ -58,6 +59,14 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
         ) from None
     finally:
         clock.close()  # no PROGRESS lands after the final state Celery writes
+
+
+def _poster(video: Path, poster: Path) -> None:
+    """The video's poster; a video without one is still stored (a poster is not worth a render)."""
+    try:
+        write_poster(video, poster)
+    except Exception as exc:  # noqa: BLE001 - the video is what was asked for
+        log.warning("no poster for %s: %s: %s", video.name, type(exc).__name__, exc)
 
 
 def _send_revoked_event(task: Task) -> None:
@@ -104,6 +113,7 @@ def _video(task: Task, clock: StageClock, request: RenderRequest, spec: dict[str
     clock.enter("encoding")
     path = resources.spool().video_path(key)
     encode(output, engine, spec, path)
+    _poster(path, resources.spool().poster_path(key))
     # The frames are gone: the worker gives the memory they held back to the OS (tasks.worker.memory).
     render_encoded.send(sender=task)
     return resources.spool().commit(key, video_metadata(path, spec, engine, memory))

@@ -1,7 +1,9 @@
-"""Stage 5, ``encoding``: the frames become an MP4 in the spool, with the metadata it is stored under.
+"""Stage 5, ``encoding``: the frames become an MP4 in the spool, with the metadata it is stored under,
+and a poster: the video's middle frame as a JPEG, for web pages.
 
 Frames are encoded with PyAV: H.264, yuv420p, faststart, so it plays in every browser. An engine
-that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place.
+that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place. The
+poster is decoded from the MP4 either way (what a viewer sees, whichever engine wrote it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ if TYPE_CHECKING:
 
     from tasks.pipeline.s4_generate import Memory
 
-__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file"]
+__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file", "write_poster"]
+
+POSTER_QUALITY = 85
 
 
 def encode(output: RenderOutput, engine: str, spec: RenderSpec, path: Path) -> None:
@@ -82,6 +86,26 @@ def encode_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> Path:
         container.mux(stream.encode(None))
     os.replace(tmp, path)
     return path
+
+
+def write_poster(video: Path, poster: Path) -> Path:
+    """The MP4's middle frame as a JPEG at ``poster`` (atomic via a temp name)."""
+    import av
+
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        middle = max(0, (stream.frames or 1) // 2)
+        frame = None
+        for index, decoded in enumerate(container.decode(stream)):
+            frame = decoded
+            if index >= middle:
+                break
+    if frame is None:
+        raise RenderError(f"{video.name} has no frame to make a poster from")
+    tmp = Path(f"{poster}.{os.getpid()}.part")
+    frame.to_image().save(tmp, format="JPEG", quality=POSTER_QUALITY)
+    os.replace(tmp, poster)
+    return poster
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -1,4 +1,4 @@
-"""Stage 6, the spool: finished MP4s wait here, with their metadata, until they are stored.
+"""Stage 6, the spool: finished MP4s wait here, with their poster and metadata, until they are stored.
 
 A render's MP4 and its metadata are kept here until the upload succeeded. When storage fails
 and the task is retried, the retry finds the video here and uploads it: a storage outage never
@@ -22,6 +22,7 @@ __all__ = ["SpooledVideo", "Spool"]
 class SpooledVideo:
     path: Path
     metadata: dict[str, str]
+    poster: Path | None = None  # the JPEG beside it, when one was made
 
 
 class Spool:
@@ -33,6 +34,10 @@ class Spool:
         """Where the MP4 for ``key`` is written (the file name is the key's hash, never user text)."""
         return self.directory / Path(key).name
 
+    def poster_path(self, key: str) -> Path:
+        """Where the video's poster (JPEG) is written beside it."""
+        return self.video_path(key).with_suffix(".jpg")
+
     def _meta_path(self, key: str) -> Path:
         return self.video_path(key).with_suffix(".json")
 
@@ -40,7 +45,7 @@ class Spool:
         video, meta = self.video_path(key), self._meta_path(key)
         if not (video.is_file() and meta.is_file()):
             return None
-        return SpooledVideo(path=video, metadata=json.loads(meta.read_text()))
+        return SpooledVideo(path=video, metadata=json.loads(meta.read_text()), poster=self._poster_if_made(key))
 
     def commit(self, key: str, metadata: dict[str, str]) -> SpooledVideo:
         """Mark the MP4 at ``video_path(key)`` complete by writing its metadata (atomically)."""
@@ -48,10 +53,14 @@ class Spool:
         tmp = meta.with_suffix(f".{os.getpid()}.part")
         tmp.write_text(json.dumps(metadata, sort_keys=True))
         os.replace(tmp, meta)
-        return SpooledVideo(path=self.video_path(key), metadata=metadata)
+        return SpooledVideo(path=self.video_path(key), metadata=metadata, poster=self._poster_if_made(key))
+
+    def _poster_if_made(self, key: str) -> Path | None:
+        poster = self.poster_path(key)
+        return poster if poster.is_file() else None
 
     def discard(self, key: str) -> None:
-        for path in (self._meta_path(key), self.video_path(key)):
+        for path in (self._meta_path(key), self.video_path(key), self.poster_path(key)):
             path.unlink(missing_ok=True)
 
     def sweep(self, max_age_s: float) -> list[Path]:
@@ -75,7 +84,7 @@ class Spool:
                 gone = pid.isdigit() and not psutil.pid_exists(int(pid))
                 stale = gone or age > max_age_s
             else:
-                stale = path.suffix in (".mp4", ".json") and age > max_age_s
+                stale = path.suffix in (".mp4", ".json", ".jpg") and age > max_age_s
             if stale:
                 path.unlink(missing_ok=True)
                 removed.append(path)

@@ -47,7 +47,7 @@ task_log = get_task_logger("tasks.render")
 def upload(clock: StageClock, key: str, video: SpooledVideo) -> StoredVideo:
     """Queue mode: store the MP4 now, then drop it from the spool."""
     clock.enter("uploading")
-    stored = resources.store().put(key, video.path, video.metadata)
+    stored = resources.store().put(key, video.path, video.metadata, poster=video.poster)
     resources.spool().discard(key)
     return stored
 
@@ -100,7 +100,7 @@ def hand_over_upload(task: Task, clock: StageClock, key: str, video: SpooledVide
     def upload_in_background() -> None:
         started = time.perf_counter()
         try:
-            resources.store().put(key, video.path, video.metadata)
+            resources.store().put(key, video.path, video.metadata, poster=video.poster)
         except StorageUnavailable as exc:
             PUBLISHER.settle(request.id)  # no PROGRESS of this task after its final state
             _upload_failed(task, request, key, exc)

@@ -46,6 +46,8 @@ def result_of(task: Task, video: StoredVideo, clock: StageClock, cached: bool) -
         timings=timings,
         peak_memory_mb=None if cached or "peak-memory-mb" not in meta else float(meta["peak-memory-mb"]),
         memory_source=None if cached else meta.get("memory-source"),
+        poster_key=video.poster_key,
+        poster_url=store.presign(video.poster_key) if video.poster_key else None,
     )
     log.info("done in %.2fs (cached=%s): %s", timings["total"], cached, video.key)
     return result.model_dump()

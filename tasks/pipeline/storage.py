@@ -23,7 +23,7 @@ from worker_config.settings import Settings, endpoint_parts
 if TYPE_CHECKING:
     from minio import Minio
 
-__all__ = ["RETENTION_RULE_ID", "StoredVideo", "VideoStore"]
+__all__ = ["RETENTION_RULE_ID", "StoredVideo", "VideoStore", "poster_key"]
 
 log = logging.getLogger("renderfarm.storage")
 RETENTION_RULE_ID = "renderfarm-retention"
@@ -36,6 +36,15 @@ class StoredVideo:
     key: str
     size_bytes: int
     metadata: dict[str, str]
+
+    @property
+    def poster_key(self) -> str | None:
+        """The poster's key, beside the MP4; None for a video stored before posters existed."""
+        return poster_key(self.key) if self.metadata.get("poster") == "jpeg" else None
+
+
+def poster_key(key: str) -> str:
+    return key.removesuffix(".mp4") + ".jpg"
 
 
 class VideoStore:
@@ -110,12 +119,18 @@ class VideoStore:
         }
         return StoredVideo(key=key, size_bytes=int(stat.size or 0), metadata=meta)
 
-    def put(self, key: str, path: Path, metadata: Mapping[str, str]) -> StoredVideo:
-        """Upload the MP4 at ``path`` to ``key`` with ``metadata`` (x-amz-meta-*)."""
+    def put(self, key: str, path: Path, metadata: Mapping[str, str], poster: Path | None = None) -> StoredVideo:
+        """Upload the MP4 at ``path`` to ``key`` with ``metadata`` (x-amz-meta-*), its poster first:
+        a stored MP4 whose metadata says ``poster: jpeg`` always has its poster beside it."""
         self.ensure_bucket()
+        stored = dict(metadata)
+        if poster is not None:
+            with self._errors(f"upload {poster_key(key)}"):
+                self._client.fput_object(self.bucket, poster_key(key), str(poster), content_type="image/jpeg")
+            stored["poster"] = "jpeg"
         with self._errors(f"upload {key}"):
-            self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=dict(metadata))
-        return StoredVideo(key=key, size_bytes=path.stat().st_size, metadata=dict(metadata))
+            self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=dict(stored))
+        return StoredVideo(key=key, size_bytes=path.stat().st_size, metadata=stored)
 
     def presign(self, key: str) -> str:
         """A time-limited GET URL for clients, on the public endpoint."""
