@@ -25,20 +25,15 @@ The worker must run under the node name ``<name>@%h`` (compose/worker-entrypoint
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import psutil
-
-from tasks.worker.vitals import STALE_S, node_dir
+from tasks.worker.vitals import STALE_S, alive, node_dir, started
 from worker_config.settings import get_settings
 
-__all__ = ["DEFAULT_NAME", "INTERNALS", "alive", "engine_loaded", "main", "node_name", "started", "worker_stats"]
+__all__ = ["DEFAULT_NAME", "INTERNALS", "engine_loaded", "main", "node_name", "worker_stats"]
 
 # Celery's internals this relies on (checked by tests/test_internals.py against the pinned versions):
 # the prefork pool's `stats` reply counts the pool processes that took a task queue (`writes.inqueues`).
@@ -65,29 +60,6 @@ def worker_stats(node: str, timeout: float) -> dict[str, Any] | None:
     finally:
         app.close()
     return replies.get(node)
-
-
-def alive(directory: Path, stale_s: float = STALE_S) -> tuple[bool, str]:
-    """(alive?, why) from the heartbeat the worker's main process writes."""
-    try:
-        beat = json.loads((directory / "alive.json").read_text())
-    except (OSError, ValueError):
-        return False, f"no heartbeat in {directory} (worker not started, or stopped)"
-    age = time.time() - float(beat["time"])
-    if not psutil.pid_exists(int(beat["pid"])):
-        return False, f"the worker's main process (pid {beat['pid']}) is gone"
-    if age > stale_s:
-        return False, f"the worker's main process (pid {beat['pid']}) last beat {age:.0f}s ago (limit {stale_s:.0f}s)"
-    return True, f"main process {beat['pid']} beat {age:.0f}s ago"
-
-
-def started(directory: Path) -> tuple[bool, str]:
-    """(started?, why): has a live pool process of the worker loaded its model?"""
-    loaded = sorted(int(p.name.split("-", 1)[1]) for p in directory.glob("loaded-*") if p.name[7:].isdigit())
-    live = [pid for pid in loaded if psutil.pid_exists(pid)]
-    if live:
-        return True, f"pool process(es) {live} loaded the model"
-    return False, "no pool process has loaded the model yet" + (f" (gone: {loaded})" if loaded else "")
 
 
 def engine_loaded(stats: dict[str, Any]) -> tuple[bool, str]:

@@ -24,16 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from celery import signals
 
 from worker_config.settings import get_settings
 
-__all__ = ["HEARTBEAT_S", "STALE_S", "install", "node_dir"]
+__all__ = ["HEARTBEAT_S", "STALE_S", "alive", "install", "node_dir", "started"]
 
 log = logging.getLogger("renderfarm.vitals")
 HEARTBEAT_S = 10.0
 STALE_S = 60.0  # the liveness probe's limit: six heartbeats missed
 _NODE_ENV = "RENDERFARM_NODE"  # the node name, handed from the main process to its pool processes
+_ALIVE = "alive.json"
+_LOADED = "loaded-"  # + the pool process's pid
 
 
 def node_dir(health_dir: Path, node: str) -> Path:
@@ -43,7 +46,7 @@ def node_dir(health_dir: Path, node: str) -> Path:
 class Heartbeat(threading.Thread):
     def __init__(self, directory: Path) -> None:
         super().__init__(name="renderfarm-heartbeat", daemon=True)
-        self._file = directory / "alive.json"
+        self._file = directory / _ALIVE
         self._stop_event = threading.Event()
 
     def beat(self) -> None:
@@ -85,7 +88,7 @@ def _on_process_init(**_: Any) -> None:
     node = os.environ.get(_NODE_ENV)
     if node is None:
         return
-    marker = node_dir(get_settings().HEALTH_DIR, node) / f"loaded-{os.getpid()}"
+    marker = node_dir(get_settings().HEALTH_DIR, node) / f"{_LOADED}{os.getpid()}"
     try:
         marker.write_text(str(time.time()))
     except OSError as exc:
@@ -95,6 +98,30 @@ def _on_process_init(**_: Any) -> None:
 def _on_worker_shutdown(**_: Any) -> None:
     if _HEARTBEAT is not None:
         _HEARTBEAT.stop()
+
+
+def alive(directory: Path, stale_s: float = STALE_S) -> tuple[bool, str]:
+    """(alive?, why) from the heartbeat the worker's main process writes in ``directory``."""
+    try:
+        beat = json.loads((directory / _ALIVE).read_text())
+    except (OSError, ValueError):
+        return False, f"no heartbeat in {directory} (worker not started, or stopped)"
+    age = time.time() - float(beat["time"])
+    if not psutil.pid_exists(int(beat["pid"])):
+        return False, f"the worker's main process (pid {beat['pid']}) is gone"
+    if age > stale_s:
+        return False, f"the worker's main process (pid {beat['pid']}) last beat {age:.0f}s ago (limit {stale_s:.0f}s)"
+    return True, f"main process {beat['pid']} beat {age:.0f}s ago"
+
+
+def started(directory: Path) -> tuple[bool, str]:
+    """(started?, why): has a live pool process of the worker loaded its model?"""
+    names = (p.name.removeprefix(_LOADED) for p in directory.glob(f"{_LOADED}*"))
+    loaded = sorted(int(name) for name in names if name.isdigit())
+    live = [pid for pid in loaded if psutil.pid_exists(pid)]
+    if live:
+        return True, f"pool process(es) {live} loaded the model"
+    return False, "no pool process has loaded the model yet" + (f" (gone: {loaded})" if loaded else "")
 
 
 def install(app: Any) -> None:
