@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from celery import Task, states
 from celery.exceptions import Ignore
@@ -69,9 +70,9 @@ def _admit(task: Task) -> str:
         return name
     if cancelled:
         raise RenderCancelled
-    if _succeeded(task, meta):
+    if (stored := _succeeded(task, meta)) is not None:
         _clear_delivery(task, name)
-        _drop(task, meta, "at admission")
+        _drop(task, stored, "at admission")
     if count > limit:
         raise DeliveryLimitExceeded(
             f"task {task.request.id} was delivered {count} times and its worker process died during each of "
@@ -89,16 +90,18 @@ def drop_if_succeeded(task: Task) -> None:
         meta = task.backend.client.get(task.backend.get_key_for_task(task.request.id))
     except task.backend.connection_errors:
         return
-    if _succeeded(task, meta):
-        _drop(task, meta, "after its upload")
+    if (stored := _succeeded(task, meta)) is not None:
+        _drop(task, stored, "after its upload")
 
 
-def _succeeded(task: Task, meta: bytes | None) -> bool:
-    return bool(meta) and task.backend.decode_result(meta).get("status") == states.SUCCESS
+def _succeeded(task: Task, meta: bytes | None) -> dict[str, Any] | None:
+    """The task's stored state, decoded, if it is ``SUCCESS``; None otherwise."""
+    stored = task.backend.decode_result(meta) if meta else None
+    return stored if stored is not None and stored.get("status") == states.SUCCESS else None
 
 
-def _drop(task: Task, meta: bytes | None, when: str) -> None:
-    worker = (task.backend.decode_result(meta).get("result") or {}).get("worker", "another worker")
+def _drop(task: Task, stored: dict[str, Any], when: str) -> None:
+    worker = (stored.get("result") or {}).get("worker", "another worker")
     log.warning("task %s already succeeded on %s: this copy is dropped %s, its result stands",
                 task.request.id, worker, when)  # fmt: skip
     raise Ignore()
