@@ -286,8 +286,13 @@ def doctor(
 
 
 def main() -> None:
+    from worker_config.settings import SettingsError
+
     try:
         app()
+    except SettingsError as exc:  # raised where a command first reads the settings (importing the app)
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

@@ -21,17 +21,22 @@ __all__ = ["Check", "run_doctor"]
 
 
 def _broker(settings: Settings) -> list[Check]:
-    import redis
-
     from worker_config.celery_config import PRIORITY_SEP, PRIORITY_STEPS
+    from worker_config.redis_link import is_sentinel, redis_client
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+    client = redis_client(settings, timeout_s=3, connect_timeout_s=3)
+    where = (
+        "the Redis master named by REDIS_SENTINEL_MASTER" if is_sentinel(settings.REDIS_URL) else "Redis at REDIS_URL"
+    )
     try:
         version = client.info("server").get("redis_version", "?")
         keys = ["render" if step == 0 else f"render{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
         depth = sum(int(client.llen(key)) for key in keys)  # type: ignore[arg-type]
+        if is_sentinel(settings.REDIS_URL):
+            host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
+            version = f"{version}, master {settings.REDIS_SENTINEL_MASTER} at {host}:{port} (from the sentinels)"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return [Check("broker", False, f"Redis at REDIS_URL does not answer: {type(exc).__name__}: {exc}",
+        return [Check("broker", False, f"{where} does not answer: {type(exc).__name__}: {exc}",
                         "start Redis or fix REDIS_URL (redis://:PASSWORD@host:6379/0)")]  # fmt: skip
     finally:
         client.close()

@@ -55,14 +55,19 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 class RedisServer:
     """A real ``redis-server`` on a free loopback port; ``persistent`` keeps an fsync'ed AOF in ``workdir``."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, persistent: bool = False, password: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make install` (apt-get install redis-server)")
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         aof = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
-        self._cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof, "--dir", str(workdir)]
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self._cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof, *auth, *extra,
+                     "--dir", str(workdir)]  # fmt: skip
         import redis
 
         self.client = redis.Redis.from_url(self.url)

@@ -10,6 +10,7 @@ cancelled render's page shows ``REVOKED`` (it stayed ``PROGRESS`` before).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,10 +55,11 @@ class Flower:
         return json.loads(body)
 
 
-@pytest.fixture
-def flower(worker_env: dict[str, str], tmp_path) -> Iterator[Flower]:
+@contextlib.contextmanager
+def running_flower(env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
+    """`renderfarm flower` with ``env`` (and the test's credentials), until the block ends."""
     port = free_port()
-    env = {**worker_env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    env = {**env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
     log = open(tmp_path / "flower.log", "wb")  # closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "renderfarm.cli", "flower", "--port", str(port), "--db", str(tmp_path / "flower.db")],
@@ -70,6 +73,12 @@ def flower(worker_env: dict[str, str], tmp_path) -> Iterator[Flower]:
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+@pytest.fixture
+def flower(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
+    with running_flower(worker_env, tmp_path) as server:
+        yield server
 
 
 def _answers(server: Flower) -> bool:

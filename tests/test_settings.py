@@ -141,3 +141,41 @@ def test_metrics_listen_on_loopback_unless_asked_and_the_image_asks(clean_env):
     assert get_settings().METRICS_ADDR == "127.0.0.1"  # a shared host: no other user reads them
     image_env = " ".join(a for kind, a in dockerfile_instructions() if kind == "ENV").split()
     assert "METRICS_ADDR=0.0.0.0" in image_env  # a container's network is its own
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"REDIS_URL": "http://redis:6379"}, "REDIS_URL (got 'http://redis:6379'): use redis://"),
+        ({"REDIS_URL": "sentinel://:hunter2@s1:26379;sentinel://s2:26379"}, "set REDIS_SENTINEL_MASTER"),
+        ({"REDIS_URL": "sentinel://:hunter2@s1:26379;redis://:hunter2@r:6379", "REDIS_SENTINEL_MASTER": "farm"},
+         "got a part 'redis://:***@r:6379'"),
+        ({"REDIS_URL": "redis://:hunter2@a:6379;redis://b:6379"}, "(got 'redis://:***@a:6379;redis://b:6379')"),
+        ({"REDIS_URL": "sentinel://s1:26379", "REDIS_SENTINEL_MASTER": "farm master"}, "REDIS_SENTINEL_MASTER"),
+    ],
+)  # fmt: skip
+def test_redis_urls_are_checked_without_repeating_a_password(clean_env, env, expected):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        get_settings()
+    assert expected in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_sentinel_settings_become_both_transports_options(clean_env):
+    clean_env.setenv("REDIS_URL", "sentinel://:pw@s1:26379/2;sentinel://s2:26380;sentinel://s3")
+    clean_env.setenv("REDIS_SENTINEL_MASTER", "farm")
+    clean_env.setenv("REDIS_SENTINEL_PASSWORD", "sentinel-pw")
+    config = celery_config(get_settings())
+    expected = {"master_name": "farm", "sentinel_kwargs": {"password": "sentinel-pw"}}
+    for options in ("broker_transport_options", "result_backend_transport_options"):
+        assert expected.items() <= config[options].items(), options
+    assert config["broker_url"] == config["result_backend"] == get_settings().REDIS_URL
+
+    from worker_config.redis_link import redis_client, sentinel_hosts
+
+    assert sentinel_hosts(get_settings().REDIS_URL) == [("s1", 26379), ("s2", 26380), ("s3", 26379)]
+    client = redis_client(get_settings(), timeout_s=1, connect_timeout_s=1)  # connects on first use only
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["db"], kwargs["password"], client.connection_pool.service_name) == (2, "pw", "farm")
+    assert client.connection_pool.sentinel_manager.sentinel_kwargs["password"] == "sentinel-pw"

@@ -16,6 +16,8 @@ Why each value (see docs/settings.md for the operator's view):
 - a Redis outage of a few minutes is waited out, not failed: result and state writes retry
   (``result_backend_max_retries``, about 4 minutes with Celery's backoff of up to 10 s) and a
   producer's ``.get()`` reconnects once a second for ``REDIS_OUTAGE_S`` (tests/test_redis_outage.py).
+- Redis Sentinel where REDIS_URL names sentinels: a failover is a Redis outage of a few seconds,
+  survived as above (tests/test_sentinel.py, docs/reliability.md#sentinel).
 - message priorities (high 0, normal 3, low 9) on kombu's default Redis priority lists, so a
   busy farm takes high before normal before low, from any producer (docs/api.md#priority).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker_config.redis_link import transport_options
 from worker_config.settings import BrokerSettings, Settings
 
 __all__ = [
@@ -45,6 +48,9 @@ _BACKEND_RETRY = {"max_retries": REDIS_OUTAGE_S, "interval_start": 0, "interval_
 
 def app_config(broker: BrokerSettings) -> dict[str, Any]:
     """What every process that talks to the farm uses: producers, the CLI, Flower and workers."""
+    # Redis Sentinel: the master's name (and the sentinels' password) for the broker and, separately,
+    # the result backend; nothing for a single server.
+    sentinel = transport_options(broker)
     return {
         "broker_url": broker.REDIS_URL,
         "result_backend": broker.REDIS_URL,
@@ -57,13 +63,14 @@ def app_config(broker: BrokerSettings) -> dict[str, Any]:
             "priority_steps": list(PRIORITY_STEPS),
             "sep": PRIORITY_SEP,
             "queue_order_strategy": "priority",
+            **sentinel,
         },
         "broker_connection_retry_on_startup": True,
         # A Redis restart or outage is survived: result reads and writes retry with backoff (up to
         # 10 s apart, random: 60 tries last about 4 minutes), a waiting .get() reconnects.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 60,
-        "result_backend_transport_options": {"retry_policy": dict(_BACKEND_RETRY)},
+        "result_backend_transport_options": {"retry_policy": dict(_BACKEND_RETRY), **sentinel},
         "redis_socket_connect_timeout": 5,  # a Redis that does not answer is retried, not waited on for minutes
         # Serialization: JSON only.
         "task_serializer": "json",

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker_config.redis_link import check_url, is_sentinel, redacted
+
 __all__ = [
     "BrokerSettings", "Settings", "SettingsError", "get_broker_settings", "get_settings", "endpoint_parts",
     "describe_errors",
@@ -30,6 +32,8 @@ __all__ = [
 
 _DEFAULT_CACHE = Path.home() / ".cache" / "renderfarm"
 _S = TypeVar("_S", bound="BrokerSettings")
+# Settings whose values an error message never repeats (REDIS_URL is shown without its password).
+_SECRETS = frozenset({"REDIS_URL", "REDIS_SENTINEL_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "WEBHOOK_SECRET"})
 
 
 class SettingsError(ValueError):
@@ -42,6 +46,28 @@ class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel (REDIS_URL = sentinel://host:26379;sentinel://host2:26379;...): the master the
+    # sentinels watch, and the sentinels' own password where they require one (the master's
+    # password goes in the first sentinel:// part, as sentinel://:PASSWORD@host:26379/0).
+    REDIS_SENTINEL_MASTER: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    REDIS_SENTINEL_PASSWORD: str | None = None
+
+    @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", mode="before")
+    @classmethod
+    def _blank_broker_setting_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url_shape(cls, value: str) -> str:
+        check_url(value)
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _sentinel_has_a_master(self: _S) -> _S:
+        if is_sentinel(self.REDIS_URL) and not self.REDIS_SENTINEL_MASTER:
+            raise ValueError("REDIS_URL names Redis Sentinels: set REDIS_SENTINEL_MASTER to the master they watch")
+        return self
 
 
 class Settings(BrokerSettings):
@@ -253,8 +279,10 @@ def describe_errors(exc: ValidationError) -> str:
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "settings"
         given = err.get("input")
+        if name in _SECRETS:
+            given = redacted(given) if name == "REDIS_URL" and isinstance(given, str) else "(hidden)"
         shown = f" (got {given!r})" if name != "settings" and not isinstance(given, dict) else ""
-        lines.append(f"{name}{shown}: {err['msg']}")
+        lines.append(f"{name}{shown}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from celery import signals
 
+from worker_config.redis_link import redis_client
 from worker_config.settings import get_settings
 
 __all__ = ["INTERNALS", "LeaseKeeper", "held_requests", "install", "unacked_index_name"]
@@ -55,11 +56,9 @@ def unacked_index_name(transport_options: dict[str, Any]) -> str:
 class LeaseKeeper(threading.Thread):
     """Renews the leases of this worker's unacknowledged messages until stopped."""
 
-    def __init__(self, redis_url: str, every_s: float, index: str, timer: Any = None) -> None:
+    def __init__(self, client: Any, every_s: float, index: str, timer: Any = None) -> None:
         super().__init__(name="renderfarm-lease", daemon=True)
-        import redis
-
-        self._client = redis.Redis.from_url(redis_url, socket_timeout=max(1.0, every_s), socket_connect_timeout=5)
+        self._client = client
         self._every = every_s
         self._index = index
         self._timer = timer
@@ -110,7 +109,8 @@ def _start(sender: Any = None, **_: Any) -> None:
     global _KEEPER
     settings = get_settings()
     index = unacked_index_name(sender.app.conf.broker_transport_options or {})
-    _KEEPER = LeaseKeeper(settings.REDIS_URL, settings.LEASE_RENEW_S, index, sender.timer)
+    client = redis_client(settings, timeout_s=max(1.0, settings.LEASE_RENEW_S), connect_timeout_s=5)
+    _KEEPER = LeaseKeeper(client, settings.LEASE_RENEW_S, index, sender.timer)
     _KEEPER.start()
     log.info(
         "task leases (%s) renewed every %.0fs, tasks waiting for their ETA included (visibility timeout %ds)",

@@ -35,6 +35,7 @@ from celery import signals
 
 from tasks.engines.holder import ENGINE
 from tasks.pipeline.events import render_stored
+from worker_config.redis_link import redis_client
 from worker_config.settings import get_settings
 
 __all__ = ["install", "outcome_of", "OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
@@ -82,10 +83,8 @@ class _Metrics:
 class _QueueDepth:
     """A custom collector: the depth of each queue, read from Redis at scrape time."""
 
-    def __init__(self, redis_url: str, queues: list[str], sep: str, steps: list[int]) -> None:
-        import redis
-
-        self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    def __init__(self, client: Any, queues: list[str], sep: str, steps: list[int]) -> None:
+        self._client = client
         self._keys = {q: [q if step == 0 else f"{q}{sep}{step}" for step in steps] for q in queues}
 
     def collect(self) -> Any:
@@ -135,7 +134,12 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     transport = conf.broker_transport_options or {}
     queues = sorted(sender.app.amqp.queues.consume_from or {conf.task_default_queue: None})
     registry.register(
-        _QueueDepth(settings.REDIS_URL, queues, transport.get("sep", "\x06\x16"), transport.get("priority_steps", [0]))
+        _QueueDepth(
+            redis_client(settings, timeout_s=2, connect_timeout_s=2),
+            queues,
+            transport.get("sep", "\x06\x16"),
+            transport.get("priority_steps", [0]),
+        )
     )
     try:
         _SERVER, _thread = start_http_server(settings.METRICS_PORT, addr=settings.METRICS_ADDR, registry=registry)
