@@ -33,7 +33,7 @@ from typing import Any
 from tasks.worker.vitals import STALE_S, alive, node_dir, started
 from worker_config.settings import get_settings
 
-__all__ = ["DEFAULT_NAME", "INTERNALS", "engine_loaded", "main", "node_name", "worker_stats"]
+__all__ = ["DEFAULT_NAME", "INTERNALS", "build_parser", "engine_loaded", "main", "node_name", "worker_stats"]
 
 # Celery's internals this relies on (checked by tests/test_internals.py against the pinned versions):
 # the prefork pool's `stats` reply counts the pool processes that took a task queue (`writes.inqueues`).
@@ -75,7 +75,8 @@ def engine_loaded(stats: dict[str, Any]) -> tuple[bool, str]:
     return True, f"{up} of {len(processes)} pool process(es) loaded the model"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The probe's command line (tests/test_kubernetes.py parses the manifests' probes with it)."""
     parser = argparse.ArgumentParser(
         prog="python -m tasks.worker.healthcheck",
         description="Exit 0 only if this host's render worker answers and its model is loaded.",
@@ -91,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-age", type=float, default=STALE_S,
         help="live: the oldest heartbeat that still passes, in seconds (default: %(default)s)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     node = node_name(args.name)
     if args.probe != "ready":
         try:
