@@ -16,17 +16,26 @@ in the first ``sentinel://`` part are the master's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     import redis
 
-    from worker_config.settings import BrokerSettings
-
 __all__ = ["SCHEMES", "is_sentinel", "redacted", "redis_client", "sentinel_hosts", "transport_options"]
 
 SCHEMES = ("redis", "rediss", "unix", "sentinel")
+
+
+class BrokerSettings(Protocol):
+    """What this module reads of ``worker_config.settings.BrokerSettings`` (which imports this module)."""
+
+    @property
+    def REDIS_URL(self) -> str: ...
+    @property
+    def REDIS_SENTINEL_MASTER(self) -> str | None: ...
+    @property
+    def REDIS_SENTINEL_PASSWORD(self) -> str | None: ...
 
 
 def is_sentinel(url: str) -> bool:
