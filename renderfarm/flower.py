@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["INTERNALS", "flower_argv", "progress_ranks_below_final_states", "run_flower"]
+__all__ = ["INTERNALS", "flower_argv", "progress_ranks_below_final_states", "run_flower", "tls_for_flowers_own_client"]
 
 INTERNALS = ("celery.states.PRECEDENCE_LOOKUP",)  # the ranks celery.events.state merges task events by
 
@@ -28,6 +28,18 @@ def progress_ranks_below_final_states() -> None:
 
     lookup = states.PRECEDENCE_LOOKUP
     lookup[PROGRESS] = (lookup[states.REVOKED] + lookup[states.STARTED]) / 2
+
+
+def tls_for_flowers_own_client() -> None:
+    """Flower reads queue lengths with a Redis client of its own, built from the broker's host and
+    ``broker_use_ssl`` only: with ``rediss://`` it would ignore the URL's CA and fail (HTTP 500).
+    Give it the URL's TLS options (tests/test_tls.py)."""
+    from tasks import app
+    from worker_config.redis_link import ssl_options
+
+    options = ssl_options(app.conf.broker_url or "")
+    if options and not app.conf.broker_use_ssl:
+        app.conf.broker_use_ssl = options
 
 
 def flower_argv(port: int, address: str, db: str | None) -> list[str]:
@@ -46,6 +58,7 @@ def run_flower(argv: Sequence[str]) -> int:
             "cancel and read every render; they never run without a password here)"
         )
     progress_ranks_below_final_states()
+    tls_for_flowers_own_client()
     from celery.bin.celery import celery
 
     # Celery's own entry point (`celery ...`), with the arguments given instead of sys.argv.

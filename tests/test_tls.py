@@ -17,6 +17,7 @@ from celery import Celery
 
 from renderfarm.localstack import free_port, relay, wait_for
 from tests.support import PACED, ROOT, videos_in
+from tests.test_flower import running_flower
 from tests.test_monitoring import scrape, value
 from worker_config.celery_config import app_config
 from worker_config.settings import BrokerSettings
@@ -119,7 +120,8 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)  # fmt: skip
 
 
-def test_every_component_works_over_tls_and_nothing_else_gets_in(tls_redis: TlsRedis, start_worker, worker_env, s3):
+def test_every_component_works_over_tls_and_nothing_else_gets_in(tls_redis: TlsRedis, start_worker, worker_env, s3,
+                                                                 tmp_path: Path):  # fmt: skip
     port = free_port()
     worker = start_worker(REDIS_URL=tls_redis.url, METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1",
                           VISIBILITY_TIMEOUT_S="6", LEASE_RENEW_S="1", **PACED)  # fmt: skip
@@ -144,6 +146,13 @@ def test_every_component_works_over_tls_and_nothing_else_gets_in(tls_redis: TlsR
     probe = subprocess.run([sys.executable, "-m", "tasks.worker.healthcheck", "--name", worker.name, "--timeout", "10"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert probe.returncode == 0, probe.stderr
+
+    # Flower over TLS: its workers, the queue's length (its own Redis client) and a render's result.
+    with running_flower(env, tmp_path) as flower:
+        wait_for(lambda: worker.hostname in flower.json("/api/workers?refresh=1"), 60, "Flower to list the worker")
+        queues = flower.json("/api/queues/length")
+        assert [q["name"] for q in queues["active_queues"]] == ["render"], queues
+        assert flower.json(f"/api/task/result/{result.id}")["state"] == "SUCCESS"
 
     # A plain connection to the TLS port, and a server certificate checked against another CA: refused.
     plain = cli({**env, "REDIS_URL": f"redis://127.0.0.1:{tls_redis.port}/0"}, "doctor", "--producer")

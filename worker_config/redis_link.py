@@ -17,12 +17,14 @@ in the first ``sentinel://`` part are the master's.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["SCHEMES", "is_sentinel", "redacted", "redis_client", "sentinel_hosts", "transport_options"]
+__all__ = [
+    "SCHEMES", "is_sentinel", "redacted", "redis_client", "sentinel_hosts", "ssl_options", "transport_options",
+]  # fmt: skip
 
 SCHEMES = ("redis", "rediss", "unix", "sentinel")
 
@@ -78,6 +80,26 @@ def redacted(url: str) -> str:
             part = part.replace(f":{parts.password}@", ":***@", 1)
         shown.append(part)
     return ";".join(shown)
+
+
+def ssl_options(url: str) -> dict[str, Any] | None:
+    """The TLS options a ``rediss://`` URL's query carries, as ``broker_use_ssl`` takes them; None otherwise.
+
+    kombu and Celery read them from the URL; Flower's own Redis client (its queue lengths) does not.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    import ssl
+
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    options: dict[str, Any] = {"ssl_cert_reqs": reqs.get(query.get("ssl_cert_reqs", "required").lower(),
+                                                         ssl.CERT_REQUIRED)}  # fmt: skip
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            options[key] = query[key]
+    return options
 
 
 def transport_options(broker: BrokerSettings) -> dict[str, Any]:
