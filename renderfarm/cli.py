@@ -238,6 +238,43 @@ def fetch_model() -> None:
 
 
 @app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers' answers.")] = 2.0,
+) -> None:
+    """The models the farm serves: each one's queue, workers and waiting requests (DEFAULT_MODEL marked)."""
+    from renderfarm.fleet import models as survey_models
+    from tasks import app as celery_app
+    from worker_config.redis_link import redis_client
+    from worker_config.settings import get_broker_settings
+
+    broker = get_broker_settings()
+    celery_app.conf.broker_connection_retry = False
+    celery_app.conf.broker_connection_timeout = 5
+    client = redis_client(broker, timeout_s=5, connect_timeout_s=5)
+    try:
+        rows = survey_models(celery_app, client, broker.DEFAULT_MODEL, timeout)
+    except Exception as exc:  # noqa: BLE001
+        _fail(f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("no worker answered and no request is waiting")
+        return
+    from rich.table import Table
+
+    table = Table("model", "queue", "workers", "waiting")
+    for row in rows:
+        model = row["model"] or "[red](no worker)[/]"
+        table.add_row(f"{model}{' (default)' if row['default'] else ''}", ", ".join(row["queues"]),
+                      str(row["workers"]), str(row["waiting"]))  # fmt: skip
+    console.print(table)
+
+
+@app.command()
 def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     name: Annotated[str, typer.Option(help="Node name before '@' (GPU workers get -gpuN appended).")] = "render",

@@ -50,3 +50,48 @@ def survey(app: Any, timeout: float = 2.0) -> list[dict[str, Any]]:
             "active": renders,
         })  # fmt: skip
     return workers
+
+
+def waiting_per_queue(client: Any) -> dict[str, int]:
+    """Requests waiting in each render queue (``render`` and every ``render.<model>``), all priorities."""
+    from worker_config.celery_config import PRIORITY_SEP
+
+    waiting: dict[str, int] = {}
+    keys = list(client.scan_iter(match="render*", count=1000))
+    sizes = [client.llen(k) if client.type(k) in (b"list", "list") else 0 for k in keys]
+    for key, size in zip(keys, sizes, strict=True):
+        name = (key.decode() if isinstance(key, bytes) else key).split(PRIORITY_SEP)[0]
+        if size and (name == "render" or name.startswith("render.")):
+            waiting[name] = waiting.get(name, 0) + int(size)
+    return waiting
+
+
+def models(app: Any, client: Any, default_model: str | None, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """One entry per model the fleet serves or is asked for: its queues, workers and waiting requests.
+
+    A queue with requests waiting and no worker (a model no worker serves, or whose workers are
+    all gone) is listed with ``workers: 0`` and the model it is for where the queue name says it.
+    """
+    from worker_config.routing import RENDER_QUEUE, queue_for
+
+    served: dict[str, dict[str, Any]] = {}
+    for worker in survey(app, timeout):
+        entry = served.setdefault(worker["model"], {"queues": set(), "workers": []})
+        entry["queues"].update(q for q in worker["queues"] if q == RENDER_QUEUE or q.startswith(f"{RENDER_QUEUE}."))
+        entry["workers"].append(worker["worker"])
+    if default_model is not None and default_model not in served:
+        served[default_model] = {"queues": {RENDER_QUEUE}, "workers": []}
+    waiting = waiting_per_queue(client)
+    rows: list[dict[str, Any]] = []
+    covered: set[str] = set()
+    for model, entry in sorted(served.items()):
+        queues = sorted(entry["queues"] or {queue_for(model, default_model)})
+        rows.append({"model": model, "default": model == default_model, "queues": queues,
+                     "workers": len(entry["workers"]), "worker_names": sorted(entry["workers"]),
+                     "waiting": sum(waiting.get(q, 0) for q in queues)})  # fmt: skip
+        covered.update(queues)
+    for queue, count in sorted(waiting.items()):
+        if queue not in covered:
+            rows.append({"model": None, "default": False, "queues": [queue], "workers": 0, "worker_names": [],
+                         "waiting": count})  # fmt: skip
+    return rows

@@ -56,7 +56,7 @@ def test_worker_command_starts_a_worker_that_workers_lists_with_its_model_and_cu
 
         (entry,) = wait_for(listed, 120, "the worker to answer", interval=0.5)  # type: ignore[misc]
         assert entry["worker"].startswith("cli@") and entry["model"] == "tiny-wan" and entry["engine"] == "diffusers"
-        assert entry["queues"] == ["render"]
+        assert entry["queues"] == ["render", "render.tiny-wan"]  # no DEFAULT_MODEL: render and its own
         slow = producer.send_task("tasks.render", kwargs={"prompt": "watch me", **SLOW}, queue="render")
         wait_for(lambda: slow.state == "PROGRESS", 120, "the render to make progress")
         (busy,) = json.loads(run(["workers", "--json", "--timeout", "1"], env).stdout)

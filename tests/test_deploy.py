@@ -656,30 +656,12 @@ def test_entrypoint_refuses_to_start_a_worker_that_cannot_render(worker_env):
     assert bad.returncode != 0 and "WORKER_MODE (got 'sometimes')" in out and " ready." not in out
 
 
-def test_deploy_doc_kubernetes_manifest_gives_shm_and_one_gpu_per_pod():
+def test_every_docker_run_in_the_guide_gives_fastvideo_its_shared_memory():
+    # The Kubernetes manifests are deploy/kubernetes, checked by tests/test_kubernetes.py.
     text = (ROOT / "docs" / "deploy.md").read_text()
-    (manifest,) = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
-    pod = manifest["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-    assert "/var/cache/renderfarm" in mounts
-    assert pod["securityContext"]["runAsUser"] == int(
-        next(a for kind, a in dockerfile_instructions() if kind == "USER").split(":")[0]
-    )
-    # Start-up and liveness read local files only (a Redis outage restarts nothing); readiness asks Redis.
-    health = ["python", "-m", "tasks.worker.healthcheck"]
-    assert container["startupProbe"]["exec"]["command"] == [*health, "--probe", "startup"]
-    assert container["livenessProbe"]["exec"]["command"] == [*health, "--probe", "live"]
-    assert container["readinessProbe"]["exec"]["command"][:5] == [*health, "--probe", "ready"]
-    startup = container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60  # a first download and load
-    env = {e["name"] for e in container["env"]}
-    assert env <= SETTINGS and "CUDA_VISIBLE_DEVICES" not in env
-    # Every docker run in the guide gives FastVideo's executor its shared memory.
-    for run in re.findall(r"docker run .*?(?=\n\n|```)", text, re.S):
+    runs = re.findall(r"docker run .*?(?=\n\n|```)", text, re.S)
+    assert runs
+    for run in runs:
         assert "--ipc=host" in run and "--shm-size=8g" in run
 
 

@@ -96,6 +96,7 @@ def test_the_worker_pod_has_what_a_gpu_worker_needs():
     worker = container("renderfarm-worker")
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "CUDA_VISIBLE_DEVICES" not in {e["name"] for e in worker.get("env", [])}  # the device plugin's job
+    assert worker["args"] == ["--without-gossip", "--without-mingle"]  # for a fleet (docs/scaling.md)
 
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in worker["volumeMounts"]}
@@ -118,7 +119,7 @@ def test_the_worker_pod_has_what_a_gpu_worker_needs():
         assert command[:3] == ["python", "-m", "tasks.worker.healthcheck"], kind
         build_parser().parse_args(command[3:])
     assert [build_parser().parse_args(c[3:]).probe for c in probes.values()] == ["startup", "live", "ready"]
-    assert worker["startupProbe"]["periodSeconds"] * worker["startupProbe"]["failureThreshold"] >= 15 * 60
+    assert worker["startupProbe"]["periodSeconds"] * worker["startupProbe"]["failureThreshold"] >= 30 * 60
 
     # Scaled away mid-render, a pod finishes its render first (Celery's warm shutdown).
     assert pod["terminationGracePeriodSeconds"] > Settings.model_fields["RENDER_TIME_LIMIT_S"].default

@@ -179,3 +179,33 @@ def test_sentinel_settings_become_both_transports_options(clean_env):
     kwargs = client.connection_pool.connection_kwargs
     assert (kwargs["db"], kwargs["password"], client.connection_pool.service_name) == (2, "pw", "farm")
     assert client.connection_pool.sentinel_manager.sentinel_kwargs["password"] == "sentinel-pw"
+
+
+def test_each_model_has_its_queue_and_the_router_sends_renders_there(clean_env):
+    from celery import Celery
+
+    from worker_config.routing import queue_for, worker_queues
+
+    fastwan = "FastVideo/FastWan2.2-TI2V-5B-Diffusers"
+    assert queue_for(fastwan, None) == queue_for(fastwan, "tiny-wan") == "render.fastvideo-fastwan2.2-ti2v-5b-diffusers"
+    assert queue_for("tiny-wan", "tiny-wan") == queue_for(None, "tiny-wan") == queue_for(None, None) == "render"
+    assert queue_for("/srv/models/My Wan (v2)", None) == "render.srv-models-my-wan-v2"
+    assert worker_queues("tiny-wan", None) == ["render", "render.tiny-wan"]  # single-model farm: as before
+    assert worker_queues("tiny-wan", "tiny-wan") == ["render"]
+    assert worker_queues(fastwan, "tiny-wan") == ["render.fastvideo-fastwan2.2-ti2v-5b-diffusers"]
+
+    clean_env.setenv("DEFAULT_MODEL", "tiny-wan")
+    clean_env.setenv("WEBHOOK_QUEUE", "hooks")
+    app = Celery("routes")
+    app.conf.update(celery_config(get_settings()))
+    route = app.amqp.router.route
+    assert route({}, "tasks.render", (), {"model": fastwan})["queue"].name == queue_for(fastwan, None)
+    assert route({}, "tasks.render", (), {"prompt": "x"})["queue"].name == "render"
+    assert route({}, "tasks.render", (), {"model": 7})["queue"].name == "render"  # the worker names the bad field
+    assert route({"queue": "explicit"}, "tasks.render", (), {"model": fastwan})["queue"].name == "explicit"
+    assert route({}, "tasks.deliver_webhook", (), {})["queue"].name == "hooks"
+
+    clean_env.setenv("MODEL_ID", "///")
+    get_settings.cache_clear()
+    with pytest.raises(SettingsError, match="MODEL_ID .* no letter or digit to name its queue by"):
+        get_settings()

@@ -27,13 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 from worker_config.redis_link import transport_options
+from worker_config.routing import RENDER_QUEUE, RenderRouter
 from worker_config.settings import BrokerSettings, Settings
 
 __all__ = [
     "RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "REDIS_OUTAGE_S", "app_config", "celery_config",
 ]  # fmt: skip
 
-RENDER_QUEUE = "render"
 # Message priorities on the Redis transport: 0 is served first, 9 last (kombu's steps 0, 3, 6, 9;
 # a priority between two steps counts as the lower step number, e.g. 5 as 3).
 PRIORITIES = {"high": 0, "normal": 3, "low": 9}
@@ -81,7 +81,8 @@ def app_config(broker: BrokerSettings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_default_queue": RENDER_QUEUE,
-        "task_routes": {"tasks.render": {"queue": RENDER_QUEUE}},
+        # Each render to its model's queue (worker_config/routing.py); a producer needs nothing else.
+        "task_routes": [RenderRouter(broker.DEFAULT_MODEL)],
         "task_default_priority": PRIORITIES["normal"],
         # Visibility: STARTED and PROGRESS states, a sent event for Flower.
         "task_track_started": True,
@@ -111,7 +112,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {**base["result_backend_transport_options"], **transport},
         # queue mode holds only the task it runs; buffer mode holds one more, ready to start.
         "worker_prefetch_multiplier": 2 if settings.WORKER_MODE == "buffer" else 1,
-        "task_routes": {**base["task_routes"], "tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE}},
+        "task_routes": [*base["task_routes"], {"tasks.deliver_webhook": {"queue": settings.WEBHOOK_QUEUE}}],
         "worker_send_task_events": True,
         "result_expires": settings.result_expires_s,
         # Time limits and process lifecycle.

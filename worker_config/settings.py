@@ -24,6 +24,7 @@ from pydantic import Field, FilePath, ValidationError, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker_config.redis_link import check_url, is_sentinel, redacted
+from worker_config.routing import queue_for
 
 __all__ = [
     "BrokerSettings", "Settings", "SettingsError", "get_broker_settings", "get_settings", "endpoint_parts",
@@ -51,8 +52,12 @@ class BrokerSettings(BaseSettings):
     # password goes in the first sentinel:// part, as sentinel://:PASSWORD@host:26379/0).
     REDIS_SENTINEL_MASTER: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     REDIS_SENTINEL_PASSWORD: str | None = None
+    # The model a request without `model` asks for: its workers consume the `render` queue, every
+    # other model's workers `render.<model>` (worker_config/routing.py). Unset: a single-model farm,
+    # every worker consumes `render` (and its model's own queue).
+    DEFAULT_MODEL: str | None = Field(None, min_length=1, max_length=200)
 
-    @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", mode="before")
+    @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "DEFAULT_MODEL", mode="before")
     @classmethod
     def _blank_broker_setting_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -62,6 +67,13 @@ class BrokerSettings(BaseSettings):
     def _redis_url_shape(cls, value: str) -> str:
         check_url(value)
         return value.strip()
+
+    @field_validator("DEFAULT_MODEL")
+    @classmethod
+    def _model_names_a_queue(cls, value: str | None) -> str | None:
+        if value is not None:
+            queue_for(value, None)  # ValueError: no letter or digit to name its queue by
+        return value
 
     @model_validator(mode="after")
     def _sentinel_has_a_master(self: _S) -> _S:
@@ -206,6 +218,12 @@ class Settings(BrokerSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("MODEL_ID")
+    @classmethod
+    def _model_id_names_a_queue(cls, value: str) -> str:
+        queue_for(value, None)  # ValueError: no letter or digit to name its queue by
+        return value
 
     @field_validator("ENGINE_FALLBACKS", mode="before")
     @classmethod

@@ -54,17 +54,26 @@ _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 class _Metrics:
     """The metric objects; created once in the main process, inherited by every forked pool child."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
+        self.model = model  # every render series carries the worker's model (MODEL_ID)
+
         self.stage_seconds = Histogram(
-            "renderfarm_render_stage_seconds", "Seconds a render spent in each stage", ["stage"], buckets=_STAGE_BUCKETS
+            "renderfarm_render_stage_seconds",
+            "Seconds a render spent in each stage",
+            ["model", "stage"],
+            buckets=_STAGE_BUCKETS,
         )
         self.render_seconds = Histogram(
-            "renderfarm_render_seconds", "Seconds per render, by outcome", ["outcome"], buckets=_RENDER_BUCKETS
+            "renderfarm_render_seconds", "Seconds per render, by outcome", ["model", "outcome"], buckets=_RENDER_BUCKETS
         )
-        self.renders = Counter("renderfarm_renders", "Renders finished, by outcome or failure reason", ["outcome"])
-        self.retries = Counter("renderfarm_render_retries", "Renders sent back to try again, by reason", ["reason"])
+        self.renders = Counter(
+            "renderfarm_renders", "Renders finished, by outcome or failure reason", ["model", "outcome"]
+        )
+        self.retries = Counter(
+            "renderfarm_render_retries", "Renders sent back to try again, by reason", ["model", "reason"]
+        )
         self.peak_memory = Gauge(
             "renderfarm_render_peak_memory_bytes",
             "Peak memory of the last render (cuda: torch's allocator; rss: the pool process)",
@@ -77,7 +86,7 @@ class _Metrics:
         )  # fmt: skip
         self.webhooks = Counter("renderfarm_webhook_deliveries", "Webhook delivery attempts, by outcome", ["outcome"])
         for outcome in OUTCOMES:  # every series exists from the first scrape, at 0
-            self.renders.labels(outcome)
+            self.renders.labels(model, outcome)
 
 
 class _QueueDepth:
@@ -127,7 +136,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
     if values.ValueClass is values.MutexValue:  # imported earlier without the directory set
         values.ValueClass = values.MultiProcessValue()
-    _M = _Metrics()
+    _M = _Metrics(settings.MODEL_ID)
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=_DIR)
     conf = sender.app.conf
@@ -237,10 +246,10 @@ def _observe_render(result: dict[str, Any]) -> None:
     timings = result.get("timings") or {}
     for stage, seconds in timings.items():
         if stage != "total":
-            _M.stage_seconds.labels(stage).observe(float(seconds))
-    _M.renders.labels(outcome).inc()
+            _M.stage_seconds.labels(_M.model, stage).observe(float(seconds))
+    _M.renders.labels(_M.model, outcome).inc()
     if "total" in timings:
-        _M.render_seconds.labels(outcome).observe(float(timings["total"]))
+        _M.render_seconds.labels(_M.model, outcome).observe(float(timings["total"]))
     if result.get("peak_memory_mb") is not None:
         source = str(result.get("memory_source") or "unknown")
         _M.peak_memory.labels(source).set(float(result["peak_memory_mb"]) * 1024 * 1024)
@@ -258,9 +267,9 @@ def _on_failure(
     if name != RENDER_TASK:
         return
     outcome = outcome_of(exception)
-    _M.renders.labels(outcome).inc()
+    _M.renders.labels(_M.model, outcome).inc()
     if (seconds := _elapsed(task_id)) is not None:
-        _M.render_seconds.labels(outcome).observe(seconds)
+        _M.render_seconds.labels(_M.model, outcome).observe(seconds)
 
 
 def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
@@ -270,7 +279,7 @@ def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     if name == WEBHOOK_TASK:
         _M.webhooks.labels("retried").inc()
     elif name == RENDER_TASK:
-        _M.retries.labels(outcome_of(reason if isinstance(reason, BaseException) else None)).inc()
+        _M.retries.labels(_M.model, outcome_of(reason if isinstance(reason, BaseException) else None)).inc()
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
@@ -279,15 +288,15 @@ def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | Non
         return
     seconds = _elapsed(task_id)
     if sender.AsyncResult(task_id).state == "REVOKED":
-        _M.renders.labels("cancelled").inc()
+        _M.renders.labels(_M.model, "cancelled").inc()
         if seconds is not None:
-            _M.render_seconds.labels("cancelled").observe(seconds)
+            _M.render_seconds.labels(_M.model, "cancelled").observe(seconds)
 
 
 def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     # A queued render cancelled before it started: discarded by the main process.
     if _M is not None and _task_name(sender) == RENDER_TASK:
-        _M.renders.labels("cancelled").inc()
+        _M.renders.labels(_M.model, "cancelled").inc()
 
 
 def install(app: Any) -> None:
