@@ -76,6 +76,8 @@ def test_keda_resources_match_kedas_schema():
         if doc["kind"] in KEDA:
             jsonschema.validate(doc, KEDA[doc["kind"]])
     scaled = one("ScaledObject", "renderfarm-worker")
+    spec = scaled["spec"]  # KEDA's CEL rule on the spec (maxReplicaCount defaults to 100)
+    assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
     for trigger in scaled["spec"]["triggers"]:
         assert set(trigger["metadata"]) <= REDIS_METADATA[trigger["type"]], trigger
     # What the schema catches: a misspelt field, a number where KEDA wants a string, an unknown enum value.

@@ -115,7 +115,7 @@ def test_renders_go_on_through_a_failover_and_every_component_follows_the_master
     with running_flower(env, tmp_path) as flower:
         wait_for(lambda: worker.hostname in flower.json("/api/workers?refresh=1"), 60, "Flower to list the worker")
         queues = flower.json("/api/queues/length")
-        assert [q["name"] for q in queues["active_queues"]] == ["render"], queues
+        assert [q["name"] for q in queues["active_queues"]] == ["render", "render.tiny-wan"], queues
         assert flower.json(f"/api/task/result/{task_id}")["state"] == "SUCCESS"
 
 

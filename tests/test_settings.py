@@ -207,5 +207,5 @@ def test_each_model_has_its_queue_and_the_router_sends_renders_there(clean_env):
 
     clean_env.setenv("MODEL_ID", "///")
     get_settings.cache_clear()
-    with pytest.raises(SettingsError, match="MODEL_ID .* no letter or digit to name its queue by"):
+    with pytest.raises(SettingsError, match=r"MODEL_ID .* no letter or digit to name its queue by"):
         get_settings()

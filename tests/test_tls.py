@@ -151,7 +151,7 @@ def test_every_component_works_over_tls_and_nothing_else_gets_in(tls_redis: TlsR
     with running_flower(env, tmp_path) as flower:
         wait_for(lambda: worker.hostname in flower.json("/api/workers?refresh=1"), 60, "Flower to list the worker")
         queues = flower.json("/api/queues/length")
-        assert [q["name"] for q in queues["active_queues"]] == ["render"], queues
+        assert [q["name"] for q in queues["active_queues"]] == ["render", "render.tiny-wan"], queues
         assert flower.json(f"/api/task/result/{result.id}")["state"] == "SUCCESS"
 
     # A plain connection to the TLS port, and a server certificate checked against another CA: refused.
