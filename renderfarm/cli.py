@@ -238,6 +238,43 @@ def fetch_model() -> None:
 
 
 @app.command()
+def api(
+    port: Annotated[int, typer.Option(help="Port of the HTTP API.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")] = "127.0.0.1",
+) -> None:
+    """Serve the OpenAI-compatible videos API (/v1/videos) in front of the queue (API_KEYS_FILE required)."""
+    from worker_config.settings import SettingsError
+
+    try:
+        import uvicorn
+
+        from renderfarm.api.app import create_app
+        from renderfarm.api.settings import get_api_settings
+    except ImportError as exc:
+        _fail(f"the API needs its extra: pip install 'renderfarm[api]' ({exc})")
+    try:
+        application = create_app(get_api_settings())
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    except ValueError as exc:  # the keys file
+        _fail(str(exc), 2)
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
+
+
+@app.command()
+def api_key(name: Annotated[str, typer.Argument(help="Who the key is for (owns the videos it creates).")]) -> None:
+    """Print a new API key and the line to add to API_KEYS_FILE (only the key's hash is stored)."""
+    from renderfarm.api.keys import new_key
+
+    if not name.replace("-", "").replace("_", "").isalnum():
+        _fail(f"name {name!r}: use letters, digits, - and _")
+    key, line = new_key(name)
+    console.print(f"key for {name} (shown once; give it to the client):")
+    typer.echo(key)
+    console.print(f"add this line to API_KEYS_FILE:\n{line}")
+
+
+@app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers' answers.")] = 2.0,

@@ -44,7 +44,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch
 fi
 say "installing the project with its worker, flower, demo, dev and bench extras"
-"${PIP[@]}" -e "$ROOT[worker,flower,demo,dev,bench]"
+"${PIP[@]}" -e "$ROOT[worker,flower,api,demo,dev,bench]"
 
 "$VENV/bin/python" - <<'PY'
 import celery, diffusers, torch

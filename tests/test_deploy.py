@@ -51,7 +51,7 @@ SETTINGS = set(Settings.model_fields)
 COMPOSE_ONLY = {
     "COMPOSE_PROFILES", "REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH",
     "REDIS_HOST_PORT", "REDIS_MAXMEMORY", "MINIO_HOST_PORT", "MINIO_CONSOLE_HOST_PORT", "FLOWER_HOST_PORT",
-    "WORKER_IMAGE",
+    "WORKER_IMAGE", "API_HOST_PORT", "API_KEYS_PATH",
 }  # fmt: skip
 # Read by libraries in the worker (the Hugging Face hub), passed through unchanged to every worker.
 LIBRARY_VARIABLES = {"HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"}
@@ -128,7 +128,7 @@ def worker_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         name: svc
         for name, svc in doc["services"].items()
-        if svc.get("build", {}).get("dockerfile") == "Dockerfile.worker" and name != "flower"
+        if svc.get("build", {}).get("dockerfile") == "Dockerfile.worker" and name not in ("flower", "api")
     }
 
 
@@ -317,7 +317,7 @@ def test_dockerfile_requirements_command_reads_the_worker_dependencies(tmp_path)
     ).stdout  # fmt: skip
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    assert out.splitlines() == project["dependencies"] + extras["worker"] + extras["flower"]
+    assert out.splitlines() == project["dependencies"] + extras["worker"] + extras["flower"] + extras["api"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,6 +334,21 @@ def test_compose_file_matches_the_compose_specification():
     broken = copy.deepcopy(doc)
     broken["services"]["worker"]["shm_sise"] = "8gb"
     assert any("shm_sise" in error for error in schema_errors(broken))
+
+
+def test_compose_runs_the_videos_api_with_its_keys_as_a_secret(tmp_path):
+    result = compose_config(tmp_path, {**TEST_SECRETS, "COMPOSE_PROFILES": "gpu,api"})
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)["services"]["api"]
+    assert urlsplit(served["environment"]["REDIS_URL"]).password == TEST_SECRETS["REDIS_PASSWORD"]
+    assert served["environment"]["DEFAULT_MODEL"] == "tiny-wan"
+    doc = compose()
+    api = doc["services"]["api"]
+    assert api["entrypoint"][-2:] == ["renderfarm", "api"] and api["secrets"] == ["api-keys"]
+    assert api["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys" and "api-keys" in doc["secrets"]
+    from renderfarm.api.settings import ApiSettings
+
+    assert set(api["environment"]) <= set(ApiSettings.model_fields)  # every variable is one it reads
 
 
 def test_every_compose_variable_is_a_setting_or_documented():

@@ -1,0 +1,213 @@
+"""The FastAPI application: OpenAI's videos endpoints on this farm's queue.
+
+Errors are OpenAI's error objects (``{"error": {"message", "type", "param", "code"}}``) with
+their status codes: 400 naming the parameter, 401 without a valid key, 404 for a video that does
+not exist or is not the key's, 413 for a body over ``API_MAX_BODY_BYTES`` (refused from its
+``Content-Length`` before reading, or once a chunked body passes the limit). Every response carries
+``x-request-id`` (the client's, or a new one), and the gateway's log lines name it; keys are never
+logged. Not yet built (issue 18): per-key rate limits and concurrency quotas (429), and
+``input_reference`` (image-conditioned renders, issue 17 part 2), refused with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from renderfarm.api.keys import KeyRing
+from renderfarm.api.records import Records
+from renderfarm.api.settings import ApiSettings
+from renderfarm.api.videos import BadParameter, render_kwargs, seconds_of, video_object
+
+__all__ = ["ApiError", "create_app"]
+
+log = logging.getLogger("renderfarm.api")
+POLL_AFTER_MS = 500  # how soon the SDK's poll helpers ask again (`openai-poll-after-ms`)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    from tasks import app as celery_app
+    from tasks import render
+    from tasks.cancel import cancel
+    from worker_config.redis_link import redis_client
+
+    keys = KeyRing(settings.API_KEYS_FILE)
+    records = Records(redis_client(settings, timeout_s=10, connect_timeout_s=5), settings.API_VIDEO_TTL_S)
+    api = FastAPI(title="renderfarm videos API (OpenAI-compatible)", version="1")
+
+    @api.middleware("http")
+    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
+        request.state.request_id = rid
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        log.info("%s %s %s %d %.0fms", rid, request.method, request.url.path, response.status_code,
+                 1000 * (time.perf_counter() - started))  # fmt: skip
+        return response
+
+    @api.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail), code=None).response()
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        param = str(err["loc"][-1]) if err.get("loc") else None
+        return ApiError(400, f"{param}: {err['msg']}", param=param).response()
+
+    def owner_of(request: Request) -> str:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        owner = keys.owner(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if owner is None:
+            raise ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>",
+                           code="invalid_api_key", kind="authentication_error")  # fmt: skip
+        return owner
+
+    async def body_of(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.API_MAX_BODY_BYTES:
+            raise ApiError(413, f"Request body of {declared} bytes is over the limit of "
+                           f"{settings.API_MAX_BODY_BYTES} bytes", code="request_too_large")  # fmt: skip
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.API_MAX_BODY_BYTES:
+                raise ApiError(413, f"Request body is over the limit of {settings.API_MAX_BODY_BYTES} bytes",
+                               code="request_too_large")  # fmt: skip
+        return bytes(body)
+
+    async def params_of(request: Request) -> dict[str, str]:
+        body = await body_of(request)
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("application/json"):
+            import json
+
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:
+                raise ApiError(400, "The body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise ApiError(400, "The body must be a JSON object")
+            if "input_reference" in data:
+                raise _no_reference()
+            return {k: str(v) for k, v in data.items() if v is not None}
+        if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
+
+            async def replay() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, receive=replay).form()
+            if "input_reference" in form:
+                raise _no_reference()
+            return {k: v for k, v in form.items() if isinstance(v, str)}
+        raise ApiError(400, "Send the parameters as JSON or multipart/form-data")
+
+    def _no_reference() -> ApiError:
+        return ApiError(400, "input_reference: image-conditioned renders are not supported by this farm yet",
+                        param="input_reference", code="unsupported_parameter")  # fmt: skip
+
+    def current(record: dict[str, Any]) -> dict[str, Any]:
+        result = celery_app.AsyncResult(record["id"])
+        state, info = result.state, result.info
+        if state == "SUCCESS" and record.get("completed_at") is None:
+            record = records.completed(record, int(time.time()))
+        return video_object(record, state, info)
+
+    def found(video_id: str, owner: str) -> dict[str, Any]:
+        record = records.get(video_id, owner)
+        if record is None:
+            raise ApiError(404, f"No video found with id '{video_id}'", param="video_id", code="not_found")
+        return record
+
+    @api.post("/v1/videos")
+    async def create_video(request: Request) -> JSONResponse:
+        owner = owner_of(request)
+        params = await params_of(request)
+        try:
+            kwargs = render_kwargs(params, settings.models)
+        except BadParameter as exc:
+            raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+        from tasks.profiles import profile_for
+
+        profile = profile_for(kwargs["model"])
+        now = int(time.time())
+        video_id = f"video_{uuid.uuid4().hex}"
+        record = {
+            "id": video_id, "owner": owner, "model": kwargs["model"], "prompt": kwargs["prompt"],
+            "size": f"{kwargs.get('width', profile.width)}x{kwargs.get('height', profile.height)}",
+            "seconds": params.get("seconds") or seconds_of(profile.num_frames, profile.fps),
+            "created_at": now, "expires_at": now + settings.API_VIDEO_TTL_S, "completed_at": None,
+        }  # fmt: skip
+        records.add(record)
+        await run_in_threadpool(render.apply_async, kwargs=kwargs, task_id=video_id)
+        log.info("%s created %s for %s (%s)", request.state.request_id, video_id, owner, kwargs["model"])
+        return JSONResponse(video_object(record, "PENDING", None))
+
+    @api.get("/v1/videos/{video_id}")
+    def retrieve_video(video_id: str, request: Request) -> JSONResponse:
+        video = current(found(video_id, owner_of(request)))
+        headers = {"openai-poll-after-ms": str(POLL_AFTER_MS)} if video["status"] in ("queued", "in_progress") else {}
+        return JSONResponse(video, headers=headers)
+
+    @api.get("/v1/videos")
+    def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc") -> JSONResponse:
+        owner = owner_of(request)
+        if not 1 <= limit <= 100:
+            raise ApiError(400, f"limit: {limit} is out of range: 1 to 100", param="limit")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order: '{order}' is not one of asc, desc", param="order")
+        page, more = records.page(owner, after, limit, order)
+        data = [current(record) for record in page]
+        return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": more})  # fmt: skip
+
+    @api.delete("/v1/videos/{video_id}")
+    def delete_video(video_id: str, request: Request) -> JSONResponse:
+        record = found(video_id, owner_of(request))
+        if current(record)["status"] in ("queued", "in_progress"):
+            cancel(video_id, celery_app)  # a queued render never starts, a running one stops at its next step
+        records.remove(record)
+        log.info("%s deleted %s", request.state.request_id, video_id)
+        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+
+    @api.get("/v1/videos/{video_id}/content")
+    def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
+        record = found(video_id, owner_of(request))
+        if variant not in ("video", "thumbnail"):
+            raise ApiError(400, f"variant: '{variant}' is not one of video, thumbnail", param="variant")
+        result = celery_app.AsyncResult(video_id)
+        if result.state != "SUCCESS":
+            raise ApiError(400, f"Video '{video_id}' is not completed (status {current(record)['status']})",
+                           param="video_id", code="video_not_ready")  # fmt: skip
+        url = result.result.get("url" if variant == "video" else "poster_url")
+        if not url:
+            raise ApiError(404, f"Video '{video_id}' has no {variant}", param="variant", code="not_found")
+        # The presigned URL on MINIO_PUBLIC_ENDPOINT: the bytes never pass through the gateway.
+        return RedirectResponse(url, status_code=307)
+
+    return api

@@ -1,0 +1,41 @@
+"""The gateway's settings: the broker's (``REDIS_URL``, ``DEFAULT_MODEL``, Sentinel) and its own."""
+
+from __future__ import annotations
+
+import functools
+
+from pydantic import Field, FilePath, ValidationError, field_validator
+
+from worker_config.settings import BrokerSettings, SettingsError, describe_errors
+
+__all__ = ["ApiSettings", "get_api_settings"]
+
+
+class ApiSettings(BrokerSettings):
+    # A file of API keys, one per line as `name:sha256-hex-of-the-key` (`renderfarm api-key NAME`
+    # prints a new key and its line). Mount it from a secret; keys themselves are never stored.
+    API_KEYS_FILE: FilePath
+    # The models clients may ask for, comma-separated; empty: DEFAULT_MODEL only.
+    API_MODELS: str = ""
+    # Largest request body read, in bytes (a prompt, its options, and later a reference image).
+    API_MAX_BODY_BYTES: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # How long a video's record (and so the video, for its owner) is kept: `expires_at`.
+    API_VIDEO_TTL_S: int = Field(7 * 24 * 3600, ge=60)
+
+    @field_validator("API_MODELS")
+    @classmethod
+    def _models_listed(cls, value: str) -> str:
+        return ",".join(item.strip() for item in value.split(",") if item.strip())
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        listed = tuple(self.API_MODELS.split(",")) if self.API_MODELS else ()
+        return listed or ((self.DEFAULT_MODEL,) if self.DEFAULT_MODEL else ())
+
+
+@functools.lru_cache(maxsize=1)
+def get_api_settings() -> ApiSettings:
+    try:
+        return ApiSettings()  # type: ignore[call-arg]  # API_KEYS_FILE comes from the environment
+    except ValidationError as exc:
+        raise SettingsError(f"invalid settings: {describe_errors(exc)}") from None

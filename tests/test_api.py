@@ -1,0 +1,162 @@
+"""The OpenAI-compatible videos API (issue 18, first part): the official `openai` SDK renders,
+follows progress, lists, downloads and cancels through `renderfarm api`, against a real Redis, S3
+endpoint and worker; raw HTTP for the errors (OpenAI's error objects, the parameter named).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from renderfarm.api.keys import new_key
+from tests.support import PACED, ROOT, ffprobe, free_port, wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")  # the SDK's own
+
+
+class Gateway:
+    def __init__(self, port: int, keys: dict[str, str], log: Path) -> None:
+        self.port, self.keys, self.log = port, keys, log
+        self.base = f"http://127.0.0.1:{port}/v1"
+
+    def client(self, owner: str = "alice") -> Any:
+        from openai import OpenAI
+
+        return OpenAI(api_key=self.keys[owner], base_url=self.base, max_retries=0, timeout=60)
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            owner: str | None = "alice") -> tuple[int, dict[str, str], Any]:  # fmt: skip
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        if owner:
+            sent["Authorization"] = f"Bearer {self.keys[owner]}"
+        connection.request(method, "/v1" + path, body=body, headers=sent)
+        response = connection.getresponse()
+        data = response.read()
+        connection.close()
+        parsed = (
+            json.loads(data) if data and response.getheader("content-type", "").startswith("application/json") else data
+        )
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, parsed
+
+
+@pytest.fixture
+def gateway(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Gateway]:
+    keys, lines = {}, ["# test keys"]
+    for owner in ("alice", "bob"):
+        keys[owner], line = new_key(owner)
+        lines.append(line)
+    (tmp_path / "keys").write_text("\n".join(lines) + "\n")
+    port = free_port()
+    env = {**worker_env, "API_KEYS_FILE": str(tmp_path / "keys"), "DEFAULT_MODEL": "tiny-wan"}
+    log_path = tmp_path / "api.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "renderfarm.cli", "api", "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        server = Gateway(port, keys, log_path)
+        try:
+            wait_for(lambda: _answers(server), 60, "the API to answer")
+            yield server
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
+def _answers(server: Gateway) -> bool:
+    try:
+        return server.raw("GET", "/videos", owner=None)[0] == 401
+    except OSError:
+        return False
+
+
+def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gateway, start_worker, producer,
+                                                                    tmp_path: Path):  # fmt: skip
+    from openai import NotFoundError
+
+    start_worker(DEFAULT_MODEL="tiny-wan", **{**PACED, "PACE_STEP_S": "0.6"})
+    client = gateway.client()
+
+    done = client.videos.create_and_poll(prompt="a fox in the snow", model="tiny-wan", size="64x48", seconds="1",
+                                         poll_interval_ms=200)  # fmt: skip
+    assert (done.status, done.progress, done.error) == ("completed", 100, None), done
+    assert (done.model, done.size, done.seconds, done.prompt) == ("tiny-wan", "64x48", "1", "a fox in the snow")
+    assert done.completed_at and done.created_at <= done.completed_at <= done.expires_at
+    assert client.videos.retrieve(done.id).completed_at == done.completed_at  # recorded once
+
+    video = tmp_path / "fox.mp4"
+    client.videos.download_content(done.id).write_to_file(video)
+    stream = ffprobe(video)
+    assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (64, 48, 9)  # 1 s at 8 fps: 9 = 4k+1
+    assert client.videos.download_content(done.id, variant="thumbnail").read()[:3] == b"\xff\xd8\xff"  # a JPEG
+
+    # Progress while it renders, then a cancel through DELETE (4 steps of 0.6 s or more).
+    running = client.videos.create(prompt="to be cancelled", model="tiny-wan", size="64x64")
+    seen = []
+    wait_for(lambda: seen.append(client.videos.retrieve(running.id)) or seen[-1].status == "in_progress", 60,
+             "the render to start")  # fmt: skip
+    wait_for(lambda: client.videos.retrieve(running.id).progress > 0, 30, "progress from the denoising steps")
+    deleted = client.videos.delete(running.id)
+    assert (deleted.id, deleted.deleted, deleted.object) == (running.id, True, "video.deleted")
+    with pytest.raises(NotFoundError):
+        client.videos.retrieve(running.id)
+    wait_for(lambda: producer.AsyncResult(running.id).state == "REVOKED", 60, "the render to stop")
+
+    # Listing pages as the SDK pages (cursor `after`), newest first; another key sees none of it.
+    queued = [client.videos.create(prompt=f"queued {i}", model="tiny-wan").id for i in range(3)]
+    listed = [v.id for v in client.videos.list(limit=2)]
+    assert listed == [*reversed(queued), done.id]
+    first = client.videos.list(limit=2)
+    assert first.has_more and [v.id for v in first.data] == list(reversed(queued))[:2]
+    assert [v.id for v in gateway.client("bob").videos.list()] == []
+    with pytest.raises(NotFoundError):
+        gateway.client("bob").videos.retrieve(done.id)
+    assert gateway.keys["alice"] not in gateway.log.read_text()  # keys are never logged
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"prompt": "x", "size": "65x64"}, "size", "multiples of 16"),
+        ({"prompt": "x", "size": "big"}, "size", "expected WIDTHxHEIGHT"),
+        ({"prompt": "x", "model": "sora-2"}, "model", "Available: tiny-wan"),
+        ({"prompt": "x", "seconds": "abc"}, "seconds", "a positive number"),
+        ({"prompt": "x", "seconds": "300"}, "seconds", "frames at 8 fps"),
+        ({"prompt": ""}, "prompt", "prompt:"),
+        ({"prompt": "x", "style": "noir"}, "style", "Allowed: prompt, model, seconds, size"),
+        ({"prompt": "x", "input_reference": "data:image/png;base64,AAAA"}, "input_reference", "not supported"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_errors_naming_the_parameter(gateway: Gateway, body, param, message):
+    status, headers, error = gateway.raw("POST", "/videos", json.dumps(body).encode())
+    assert status == 400, error
+    assert error["error"]["param"] == param and message in error["error"]["message"], error
+    assert error["error"]["type"] == "invalid_request_error" and headers["x-request-id"].startswith("req_")
+
+
+def test_keys_missing_videos_and_oversized_bodies(gateway: Gateway):
+    for headers, owner in (({}, None), ({"Authorization": "Bearer rf-not-a-key"}, None)):
+        status, _, error = gateway.raw("GET", "/videos", headers=headers, owner=owner)
+        assert status == 401 and error["error"]["code"] == "invalid_api_key"
+    status, headers, error = gateway.raw("GET", "/videos/video_0000", headers={"x-request-id": "mine-1"})
+    assert status == 404 and error["error"]["param"] == "video_id" and headers["x-request-id"] == "mine-1"
+
+    # 100 MB declared: refused from the header, before any of it is read (nothing is sent here).
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    connection.putrequest("POST", "/v1/videos")
+    for name, value in (("Authorization", f"Bearer {gateway.keys['alice']}"), ("Content-Type", "application/json"),
+                        ("Content-Length", str(100 * 1024 * 1024))):  # fmt: skip
+        connection.putheader(name, value)
+    connection.endheaders()
+    started = time.monotonic()
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    assert time.monotonic() - started < 10
+    connection.close()
