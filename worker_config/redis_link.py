@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import redis
 
 __all__ = [
-    "SCHEMES", "is_sentinel", "redacted", "redis_client", "sentinel_hosts", "ssl_options", "transport_options",
+    "SCHEMES", "BrokerSettings", "check_url", "is_sentinel", "redacted", "redis_client", "sentinel_hosts",
+    "ssl_options", "transport_options",
 ]  # fmt: skip
 
 SCHEMES = ("redis", "rediss", "unix", "sentinel")
