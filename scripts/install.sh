@@ -5,7 +5,7 @@
 #     iproute2 and nftables (a worker on a bad network, in a namespace of its own: tests/netns.py),
 #     chromium and chromium-driver (Flower in a real headless browser: tests/test_flower.py)
 #   - .venv/ with torch pinned to the local CPU build (constraints.txt), then the project with its
-#     worker, flower, demo, dev and bench extras, every later install held to the same torch by the constraints.
+#     worker, flower, api, demo, dev and bench extras, every later install held to the same torch by the constraints.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
