@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,25 +49,36 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Gateway]:
-    keys, lines = {}, ["# test keys"]
-    for owner in ("alice", "bob"):
-        keys[owner], line = new_key(owner)
-        lines.append(line)
-    (tmp_path / "keys").write_text("\n".join(lines) + "\n")
-    port = free_port()
-    env = {**worker_env, "API_KEYS_FILE": str(tmp_path / "keys"), "DEFAULT_MODEL": "tiny-wan"}
-    log_path = tmp_path / "api.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "renderfarm.cli", "api", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+def start_gateway(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """``start_gateway(**env)``: `renderfarm api` with two keys (alice, bob) and these settings."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(**overrides: str) -> Gateway:
+        keys, lines = {}, ["# test keys"]
+        for owner in ("alice", "bob"):
+            keys[owner], line = new_key(owner)
+            lines.append(line)
+        n = len(procs)
+        (tmp_path / f"keys{n}").write_text("\n".join(lines) + "\n")
+        port = free_port()
+        env = {**worker_env, "API_KEYS_FILE": str(tmp_path / f"keys{n}"), "DEFAULT_MODEL": "tiny-wan", **overrides}
+        log_path = tmp_path / f"api{n}.log"
+        with open(log_path, "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "renderfarm.cli", "api", "--port", str(port)],
+                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
         server = Gateway(port, keys, log_path)
-        try:
-            wait_for(lambda: _answers(server), 60, "the API to answer")
-            yield server
-        finally:
-            proc.terminate()
-            proc.wait(20)
+        wait_for(lambda: _answers(server), 60, "the API to answer")
+        return server
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    return start_gateway()
 
 
 def _answers(server: Gateway) -> bool:
@@ -160,3 +171,23 @@ def test_keys_missing_videos_and_oversized_bodies(gateway: Gateway):
     assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
     assert time.monotonic() - started < 10
     connection.close()
+
+
+def test_each_key_has_a_rate_and_a_concurrency_quota(start_gateway: Callable[..., Gateway]):
+    gateway = start_gateway(API_RATE_LIMIT_PER_MIN="4", API_MAX_ACTIVE="2")  # no worker: videos stay queued
+    if time.time() % 60 > 45:  # the five requests below fall in one rate window
+        time.sleep(61 - time.time() % 60)
+
+    def create(owner: str = "alice") -> tuple[int, dict[str, str], Any]:
+        return gateway.raw("POST", "/videos", json.dumps({"prompt": "queued"}).encode(), owner=owner)
+
+    first, second = create(), create()
+    assert first[0] == second[0] == 200
+    status, headers, error = create()  # a third at once: over the concurrency quota
+    assert status == 429 and error["error"]["code"] == "concurrency_limit" and int(headers["retry-after"]) > 0
+    assert create("bob")[0] == 200  # another key has its own quota
+    assert gateway.raw("DELETE", f"/videos/{first[2]['id']}")[0] == 200  # a deleted video frees its place
+    assert create()[0] == 200  # the fourth creation this minute
+    status, headers, error = create()
+    assert status == 429 and error["error"]["code"] == "rate_limit_exceeded", error
+    assert error["error"]["type"] == "rate_limit_error" and 0 < int(headers["retry-after"]) <= 60

@@ -5,8 +5,9 @@ their status codes: 400 naming the parameter, 401 without a valid key, 404 for a
 not exist or is not the key's, 413 for a body over ``API_MAX_BODY_BYTES`` (refused from its
 ``Content-Length`` before reading, or once a chunked body passes the limit). Every response carries
 ``x-request-id`` (the client's, or a new one), and the gateway's log lines name it; keys are never
-logged. Not yet built (issue 18): per-key rate limits and concurrency quotas (429), and
-``input_reference`` (image-conditioned renders, issue 17 part 2), refused with a 400 that says so.
+logged. 429 when a key is over its rate or its concurrency quota (``quotas``), with Retry-After.
+Not yet built (issue 18): ``input_reference`` (image-conditioned renders, issue 17 part 2),
+refused with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from renderfarm.api.keys import KeyRing
+from renderfarm.api.quotas import QuotaExceeded, Quotas
 from renderfarm.api.records import Records
 from renderfarm.api.settings import ApiSettings
 from renderfarm.api.videos import BadParameter, render_kwargs, seconds_of, video_object
@@ -52,7 +54,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
     from worker_config.redis_link import redis_client
 
     keys = KeyRing(settings.API_KEYS_FILE)
-    records = Records(redis_client(settings, timeout_s=10, connect_timeout_s=5), settings.API_VIDEO_TTL_S)
+    client = redis_client(settings, timeout_s=10, connect_timeout_s=5)
+    records = Records(client, settings.API_VIDEO_TTL_S)
+
+    def states(ids: list[str]) -> list[str]:
+        return [celery_app.AsyncResult(i).state for i in ids]
+
+    quotas = Quotas(client, settings.API_RATE_LIMIT_PER_MIN, settings.API_MAX_ACTIVE, states)
     api = FastAPI(title="renderfarm videos API (OpenAI-compatible)", version="1")
 
     @api.middleware("http")
@@ -157,6 +165,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
         profile = profile_for(kwargs["model"])
         now = int(time.time())
         video_id = f"video_{uuid.uuid4().hex}"
+        try:
+            quotas.admit(owner, video_id)
+        except QuotaExceeded as exc:
+            response = ApiError(429, str(exc), code=exc.code, kind="rate_limit_error").response()
+            response.headers["retry-after"] = str(exc.retry_after_s)
+            return response
         record = {
             "id": video_id, "owner": owner, "model": kwargs["model"], "prompt": kwargs["prompt"],
             "size": f"{kwargs.get('width', profile.width)}x{kwargs.get('height', profile.height)}",
@@ -164,7 +178,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
             "created_at": now, "expires_at": now + settings.API_VIDEO_TTL_S, "completed_at": None,
         }  # fmt: skip
         records.add(record)
-        await run_in_threadpool(render.apply_async, kwargs=kwargs, task_id=video_id)
+        try:
+            await run_in_threadpool(render.apply_async, kwargs=kwargs, task_id=video_id)
+        except Exception as exc:  # noqa: BLE001 - the broker is unreachable: nothing was queued
+            records.remove(record)
+            quotas.release(owner, video_id)
+            log.warning("%s could not queue %s: %s", request.state.request_id, video_id, exc)
+            raise ApiError(503, "The render queue is unreachable; try again", code="queue_unavailable",
+                           kind="server_error") from None  # fmt: skip
         log.info("%s created %s for %s (%s)", request.state.request_id, video_id, owner, kwargs["model"])
         return JSONResponse(video_object(record, "PENDING", None))
 
@@ -192,6 +213,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         if current(record)["status"] in ("queued", "in_progress"):
             cancel(video_id, celery_app)  # a queued render never starts, a running one stops at its next step
         records.remove(record)
+        quotas.release(record["owner"], video_id)
         log.info("%s deleted %s", request.state.request_id, video_id)
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 

@@ -21,6 +21,10 @@ class ApiSettings(BrokerSettings):
     API_MAX_BODY_BYTES: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # How long a video's record (and so the video, for its owner) is kept: `expires_at`.
     API_VIDEO_TTL_S: int = Field(7 * 24 * 3600, ge=60)
+    # Per key: video creations a minute (0 = no limit), and videos queued or rendering at once
+    # (0 = no limit). Over either: 429 with Retry-After. Counted in Redis, across every replica.
+    API_RATE_LIMIT_PER_MIN: int = Field(60, ge=0)
+    API_MAX_ACTIVE: int = Field(20, ge=0)
 
     @field_validator("API_MODELS")
     @classmethod
