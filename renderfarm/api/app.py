@@ -34,6 +34,16 @@ __all__ = ["ApiError", "create_app"]
 
 log = logging.getLogger("renderfarm.api")
 POLL_AFTER_MS = 500  # how soon the SDK's poll helpers ask again (`openai-poll-after-ms`)
+# The create body as the served OpenAPI schema states it (parsed by hand: JSON or multipart).
+_CREATE_FIELDS = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {name: {"type": "string"} for name in ("prompt", "model", "size", "seconds")},
+}
+_CREATE_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": _CREATE_FIELDS}, "multipart/form-data": {"schema": _CREATE_FIELDS}},
+}
 
 
 class ApiError(Exception):
@@ -152,7 +162,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             raise ApiError(404, f"No video found with id '{video_id}'", param="video_id", code="not_found")
         return record
 
-    @api.post("/v1/videos")
+    @api.post("/v1/videos", openapi_extra={"requestBody": _CREATE_BODY})
     async def create_video(request: Request) -> JSONResponse:
         owner = owner_of(request)
         params = await params_of(request)
