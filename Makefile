@@ -47,8 +47,9 @@ check: lint typecheck test
 clean:
 	rm -rf out .pytest_cache .ruff_cache .mypy_cache
 
-bench: $(STAMP)  ## throughput and overhead, side by side (prints figures, writes docs/benchmarks.md)
+bench: $(STAMP)  ## throughput and overhead, side by side, and the HTTP gateway's (prints figures, writes docs/benchmarks.md)
 	$(PY) -m bench.throughput
+	$(PY) -m bench.gateway
 
 bench-memory: $(STAMP)  ## worker memory over 300 renders (prints growth per render, writes docs/benchmarks.md)
 	$(PY) -m bench.memory
