@@ -258,6 +258,10 @@ def api(
         _fail(str(exc), 2)
     except ValueError as exc:  # the keys file
         _fail(str(exc), 2)
+    import logging
+
+    # One line per request (request id, method, path, status, time) from renderfarm.api; never a key.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
 
 

@@ -159,6 +159,7 @@ def test_keys_missing_videos_and_oversized_bodies(gateway: Gateway):
         assert status == 401 and error["error"]["code"] == "invalid_api_key"
     status, headers, error = gateway.raw("GET", "/videos/video_0000", headers={"x-request-id": "mine-1"})
     assert status == 404 and error["error"]["param"] == "video_id" and headers["x-request-id"] == "mine-1"
+    wait_for(lambda: "mine-1 GET /v1/videos/video_0000 404" in gateway.log.read_text(), 10, "the request's log line")
 
     # 100 MB declared: refused from the header, before any of it is read (nothing is sent here).
     connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
