@@ -208,3 +208,23 @@ def test_schemathesis_finds_no_server_error_in_the_served_schema(start_gateway: 
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     counted = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     assert counted and counted[1] == counted[2] and int(counted[1]) >= 100, run.stdout[-2000:]  # it ran for real
+
+
+def test_curl_creates_a_video_with_a_multipart_form_and_reads_it_back(gateway: Gateway):
+    """The raw HTTP a non-Python producer sends: curl, a multipart form (what OpenAI's docs show), a bearer key."""
+    auth = f"Authorization: Bearer {gateway.keys['alice']}"
+    created = subprocess.run(
+        ["curl", "-sS", "-X", "POST", f"{gateway.base}/videos", "-H", auth, "-F", "prompt=from curl", "-F",
+         "model=tiny-wan", "-F", "size=64x64", "-F", "seconds=1"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    video = json.loads(created)
+    assert (video["object"], video["status"], video["size"], video["seconds"]) == ("video", "queued", "64x64", "1")
+    read = subprocess.run(["curl", "-sS", "-i", f"{gateway.base}/videos/{video['id']}", "-H", auth],
+                          capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    head, _, body = read.partition("\n\n")  # text mode: curl's CRLFs read as newlines
+    assert head.startswith("HTTP/1.1 200") and "x-request-id: req_" in head.lower()
+    assert json.loads(body)["id"] == video["id"]
+    refused = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"{gateway.base}/videos"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert refused == "401"
