@@ -26,6 +26,7 @@ from tests.keda_schema import REDIS_METADATA, SCALED_OBJECT, TRIGGER_AUTHENTICAT
 from tests.support import ROOT
 from tests.test_deploy import LIBRARY_VARIABLES, dockerfile_instructions
 from worker_config.celery_config import PRIORITY_SEP, PRIORITY_STEPS, app_config
+from worker_config.routing import worker_queues
 from worker_config.settings import BrokerSettings, Settings
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -155,32 +156,43 @@ def test_flower_runs_the_projects_flower_behind_its_password():
     assert service["spec"]["selector"] == one("Deployment", "renderfarm-flower")["spec"]["selector"]["matchLabels"]
 
 
-def test_keda_reads_every_priority_list_of_the_render_queue(redis_server):
-    """Scale from zero: with no worker, KEDA's triggers must count what producers queued, at any priority."""
+def test_keda_reads_every_priority_list_of_the_workers_queues(redis_server):
+    """Scale from zero: with no worker, KEDA's triggers must count every request the workers would take:
+    on each queue they consume (``render`` and their model's), at any priority, from producers that
+    route by the farm's DEFAULT_MODEL and from ones that do not know it and name the model."""
     scaled = one("ScaledObject", "renderfarm-worker")["spec"]
     assert scaled["scaleTargetRef"]["name"] == "renderfarm-worker" and scaled["minReplicaCount"] == 0
     triggers = scaled["triggers"]
-    names = [t["name"] for t in triggers]
-    assert scaled["advanced"]["scalingModifiers"]["formula"] == " + ".join(names)  # every list counted
-    lists = [t["metadata"]["listName"] for t in triggers]
-    assert sorted(lists) == sorted("render" if s == 0 else f"render{PRIORITY_SEP}{s}" for s in PRIORITY_STEPS)
+    assert scaled["advanced"]["scalingModifiers"]["formula"] == " + ".join(t["name"] for t in triggers)
+    config = one("ConfigMap", "renderfarm-settings")["data"]
+    queues = worker_queues(config["MODEL_ID"], config.get("DEFAULT_MODEL"))
+    expected = [q if s == 0 else f"{q}{PRIORITY_SEP}{s}" for q in queues for s in PRIORITY_STEPS]
+    assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(expected)
     auth = one("TriggerAuthentication", triggers[0]["authenticationRef"]["name"])["spec"]["secretTargetRef"]
     assert {(a["parameter"], a["name"], a["key"]) for a in auth} == {("password", "renderfarm", "REDIS_PASSWORD")}
+    assert all(int(t["metadata"]["databaseIndex"]) == 0 for t in triggers)
 
     redis_server.client.flushall()
-    producer = Celery("producer")
-    producer.conf.update(app_config(BrokerSettings(REDIS_URL=redis_server.url)))
-    sent = {0: 2, 3: 1, 5: 1, 6: 1, 9: 3}  # priority: how many (5 lands on the 3 list)
+    routed, unaware = Celery("routed"), Celery("unaware")
+    routed.conf.update(
+        app_config(BrokerSettings(REDIS_URL=redis_server.url, DEFAULT_MODEL=config.get("DEFAULT_MODEL")))
+    )
+    unaware.conf.update(app_config(BrokerSettings(REDIS_URL=redis_server.url)))
+    sent = 0
     try:
-        for priority, count in sent.items():
-            for _ in range(count):
-                producer.send_task("tasks.render", kwargs={"prompt": "queued"}, queue="render", priority=priority)
+        for priority in (0, 3, 5, 6, 9):  # 5 lands on the 3 list
+            for app in (routed, unaware):
+                app.send_task(
+                    "tasks.render", kwargs={"prompt": "queued", "model": config["MODEL_ID"]}, priority=priority
+                )
+                sent += 1
+            routed.send_task("tasks.render", kwargs={"prompt": "no model"}, priority=priority)
+            sent += 1
     finally:
-        producer.close()
-    db = int(triggers[0]["metadata"]["databaseIndex"])
-    assert all(int(t["metadata"]["databaseIndex"]) == db == 0 for t in triggers)
+        routed.close()
+        unaware.close()
     depth = {t["name"]: int(redis_server.client.llen(t["metadata"]["listName"])) for t in triggers}
-    assert sum(depth.values()) == sum(sent.values()) and all(depth.values()), depth
+    assert sum(depth.values()) == sent and all(depth.values()), depth
 
 
 def test_deploy_docs_point_at_the_manifests():

@@ -42,6 +42,8 @@ def test_two_models_on_one_redis_each_get_only_their_own_requests(
     producer = Celery("producer")  # routes by model, as render.delay does: no queue named below
     producer.conf.update(app_config(BrokerSettings(REDIS_URL=redis_server.url, DEFAULT_MODEL="tiny-wan")))
     bare = Celery("bare", broker=redis_server.url, backend=redis_server.url)
+    unaware = Celery("unaware")  # configured like this project's producers, without DEFAULT_MODEL
+    unaware.conf.update(app_config(BrokerSettings(REDIS_URL=redis_server.url)))
     try:
         # The second model's worker is not up yet: its request waits in its own queue.
         early = producer.send_task("tasks.render", kwargs={"prompt": "early", "model": other, "seed": 1, **SMALL})
@@ -49,7 +51,7 @@ def test_two_models_on_one_redis_each_get_only_their_own_requests(
         default = start_worker(**farm, METRICS_PORT=str(metrics), METRICS_ADDR="127.0.0.1")
         listed = json.loads(cli(env, "models", "--json").stdout)
         assert {(r["model"], tuple(r["queues"]), r["workers"], r["waiting"]) for r in listed} == {
-            ("tiny-wan", ("render",), 1, 0), (None, (other_queue,), 0, 1)
+            ("tiny-wan", ("render", "render.tiny-wan"), 1, 0), (None, (other_queue,), 0, 1)
         }, listed  # fmt: skip
         assert early.state == "PENDING"  # the tiny-wan worker never took it
 
@@ -63,6 +65,8 @@ def test_two_models_on_one_redis_each_get_only_their_own_requests(
                                                                               "seed": seed})))  # fmt: skip
             sent.append((second, producer.send_task("tasks.render", kwargs={"prompt": "other", "model": other,
                                                                              "seed": seed, **SMALL})))  # fmt: skip
+        # A producer that does not know the farm's DEFAULT_MODEL and names the default model.
+        sent.append((default, unaware.send_task("tasks.render", kwargs={"prompt": "unaware", "model": "tiny-wan"})))
         # A producer that does not import the project names the documented queue.
         sent.append((second, bare.send_task("tasks.render", kwargs={"prompt": "bare", "model": other, **SMALL},
                                             queue=other_queue)))  # fmt: skip
@@ -74,18 +78,19 @@ def test_two_models_on_one_redis_each_get_only_their_own_requests(
         assert len(videos_in(s3, bucket)) == len(sent) + 1
 
         workers = {w["worker"]: w for w in json.loads(cli(env, "workers", "--json").stdout)}
-        assert workers[default.hostname]["queues"] == ["render"]
+        assert workers[default.hostname]["queues"] == ["render", "render.tiny-wan"]
         assert workers[second.hostname]["queues"] == [other_queue]
         listed = json.loads(cli(env, "models", "--json").stdout)
         assert {(r["model"], r["default"], tuple(r["queues"]), r["workers"]) for r in listed} == {
-            ("tiny-wan", True, ("render",), 1), (other, False, (other_queue,), 1)
+            ("tiny-wan", True, ("render", "render.tiny-wan"), 1), (other, False, (other_queue,), 1)
         }, listed  # fmt: skip
         table = cli(env, "models")
         shown = table.stdout + table.stderr  # the table goes where `renderfarm workers` prints its own
         assert table.returncode == 0 and "tiny-wan (default)" in shown and other_queue[:12] in shown, shown
         samples = scrape(metrics)  # the model is a label of every render series
-        assert value(samples, "renderfarm_renders_total", model="tiny-wan", outcome="success") == 6
+        assert value(samples, "renderfarm_renders_total", model="tiny-wan", outcome="success") == 7
         assert value(samples, "renderfarm_renders_total", model=other) == 0
     finally:
         producer.close()
         bare.close()
+        unaware.close()

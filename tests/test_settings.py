@@ -191,7 +191,7 @@ def test_each_model_has_its_queue_and_the_router_sends_renders_there(clean_env):
     assert queue_for("tiny-wan", "tiny-wan") == queue_for(None, "tiny-wan") == queue_for(None, None) == "render"
     assert queue_for("/srv/models/My Wan (v2)", None) == "render.srv-models-my-wan-v2"
     assert worker_queues("tiny-wan", None) == ["render", "render.tiny-wan"]  # single-model farm: as before
-    assert worker_queues("tiny-wan", "tiny-wan") == ["render"]
+    assert worker_queues("tiny-wan", "tiny-wan") == ["render", "render.tiny-wan"]  # named or not
     assert worker_queues(fastwan, "tiny-wan") == ["render.fastvideo-fastwan2.2-ti2v-5b-diffusers"]
 
     clean_env.setenv("DEFAULT_MODEL", "tiny-wan")

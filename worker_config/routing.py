@@ -4,8 +4,9 @@
 - A request for any other model X goes to ``render.<slug of X>``: the model id lower-cased, each
   run of characters other than ``a-z 0-9 . _ -`` replaced by ``-`` (``queue_for``; e.g.
   ``FastVideo/FastWan2.1-T2V-1.3B-Diffusers`` -> ``render.fastvideo-fastwan2.1-t2v-1.3b-diffusers``).
-- A worker consumes its own model's queue; also ``render`` when it serves the default model, or
-  when no ``DEFAULT_MODEL`` is set (a single-model farm: ``render`` as before, whatever its model).
+- A worker consumes its own model's queue, always (a producer that does not know the farm's
+  ``DEFAULT_MODEL`` and names the model still reaches it); also ``render`` when it serves the
+  default model, or when no ``DEFAULT_MODEL`` is set (a single-model farm: ``render`` as before).
 
 Producers that import this project get this from a Celery router (``RenderRouter`` in
 ``app_config``): ``render.delay(model=X)`` lands on X's queue with nothing else configured. A
@@ -38,9 +39,9 @@ def queue_for(model: str | None, default_model: str | None) -> str:
 
 def worker_queues(model_id: str, default_model: str | None) -> list[str]:
     """The render queues a worker serving ``model_id`` consumes, ``render`` first where it is one."""
-    own = queue_for(model_id, default_model)
-    if default_model is None:
-        return [RENDER_QUEUE, queue_for(model_id, None)]
+    own = queue_for(model_id, None)
+    if default_model is None or model_id == default_model:
+        return [RENDER_QUEUE, own]
     return [own]
 
 
