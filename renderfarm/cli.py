@@ -243,8 +243,6 @@ def api(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")] = "127.0.0.1",
 ) -> None:
     """Serve the OpenAI-compatible videos API (/v1/videos) in front of the queue (API_KEYS_FILE required)."""
-    from worker_config.settings import SettingsError
-
     try:
         import uvicorn
 
@@ -254,9 +252,7 @@ def api(
         _fail(f"the API needs its extra: pip install 'renderfarm[api]' ({exc})")
     try:
         application = create_app(get_api_settings())
-    except SettingsError as exc:
-        _fail(str(exc), 2)
-    except ValueError as exc:  # the keys file
+    except ValueError as exc:  # invalid settings (SettingsError) or keys file
         _fail(str(exc), 2)
     import logging
 

@@ -21,7 +21,7 @@ __all__ = ["Check", "run_doctor"]
 
 
 def _broker(settings: Settings) -> list[Check]:
-    from worker_config.celery_config import PRIORITY_SEP, PRIORITY_STEPS
+    from worker_config.celery_config import RENDER_QUEUE, priority_lists
     from worker_config.redis_link import is_sentinel, redis_client
 
     client = redis_client(settings, timeout_s=3, connect_timeout_s=3)
@@ -30,8 +30,7 @@ def _broker(settings: Settings) -> list[Check]:
     )
     try:
         version = client.info("server").get("redis_version", "?")
-        keys = ["render" if step == 0 else f"render{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
-        depth = sum(int(client.llen(key)) for key in keys)  # type: ignore[arg-type]
+        depth = sum(int(client.llen(key)) for key in priority_lists(RENDER_QUEUE))  # type: ignore[arg-type]
         if is_sentinel(settings.REDIS_URL):
             host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
             version = f"{version}, master {settings.REDIS_SENTINEL_MASTER} at {host}:{port} (from the sentinels)"

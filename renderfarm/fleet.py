@@ -53,16 +53,23 @@ def survey(app: Any, timeout: float = 2.0) -> list[dict[str, Any]]:
 
 
 def waiting_per_queue(client: Any) -> dict[str, int]:
-    """Requests waiting in each render queue (``render`` and every ``render.<model>``), all priorities."""
-    from worker_config.celery_config import PRIORITY_SEP
+    """Requests waiting in each render queue (``render`` and every ``render.<model>``), all priorities.
 
+    Only the queues' own lists are scanned (``render``, ``render.*``, ``render<sep>*``), never the
+    ``renderfarm:*`` keys beside them (cancel flags, the API's records), and read in one pipeline.
+    """
+    from worker_config.celery_config import PRIORITY_SEP
+    from worker_config.routing import RENDER_QUEUE
+
+    lists = [RENDER_QUEUE, *client.scan_iter(match=f"{RENDER_QUEUE}[.{PRIORITY_SEP[0]}]*", count=1000)]
+    pipe = client.pipeline(transaction=False)
+    for key in lists:
+        pipe.llen(key)
     waiting: dict[str, int] = {}
-    keys = list(client.scan_iter(match="render*", count=1000))
-    sizes = [client.llen(k) if client.type(k) in (b"list", "list") else 0 for k in keys]
-    for key, size in zip(keys, sizes, strict=True):
-        name = (key.decode() if isinstance(key, bytes) else key).split(PRIORITY_SEP)[0]
-        if size and (name == "render" or name.startswith("render.")):
-            waiting[name] = waiting.get(name, 0) + int(size)
+    for key, size in zip(lists, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(size, int) and size:  # not a list (an error): not a queue
+            name = (key.decode() if isinstance(key, bytes) else key).split(PRIORITY_SEP)[0]
+            waiting[name] = waiting.get(name, 0) + size
     return waiting
 
 

@@ -25,7 +25,7 @@ from tasks.worker.healthcheck import build_parser
 from tests.keda_schema import REDIS_METADATA, SCALED_OBJECT, TRIGGER_AUTHENTICATION
 from tests.support import ROOT
 from tests.test_deploy import LIBRARY_VARIABLES, dockerfile_instructions
-from worker_config.celery_config import PRIORITY_SEP, PRIORITY_STEPS, app_config
+from worker_config.celery_config import app_config, priority_lists
 from worker_config.routing import worker_queues
 from worker_config.settings import BrokerSettings, Settings
 
@@ -166,7 +166,7 @@ def test_keda_reads_every_priority_list_of_the_workers_queues(redis_server):
     assert scaled["advanced"]["scalingModifiers"]["formula"] == " + ".join(t["name"] for t in triggers)
     config = one("ConfigMap", "renderfarm-settings")["data"]
     queues = worker_queues(config["MODEL_ID"], config.get("DEFAULT_MODEL"))
-    expected = [q if s == 0 else f"{q}{PRIORITY_SEP}{s}" for q in queues for s in PRIORITY_STEPS]
+    expected = [name for q in queues for name in priority_lists(q)]
     assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(expected)
     auth = one("TriggerAuthentication", triggers[0]["authenticationRef"]["name"])["spec"]["secretTargetRef"]
     assert {(a["parameter"], a["name"], a["key"]) for a in auth} == {("password", "renderfarm", "REDIS_PASSWORD")}

@@ -24,6 +24,7 @@ Why each value (see docs/settings.md for the operator's view):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from worker_config.redis_link import transport_options
@@ -32,6 +33,7 @@ from worker_config.settings import BrokerSettings, Settings
 
 __all__ = [
     "RENDER_QUEUE", "PRIORITIES", "PRIORITY_STEPS", "PRIORITY_SEP", "REDIS_OUTAGE_S", "app_config", "celery_config",
+    "priority_lists",
 ]  # fmt: skip
 
 # Message priorities on the Redis transport: 0 is served first, 9 last (kombu's steps 0, 3, 6, 9;
@@ -39,6 +41,13 @@ __all__ = [
 PRIORITIES = {"high": 0, "normal": 3, "low": 9}
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
+
+
+def priority_lists(queue: str, sep: str = PRIORITY_SEP, steps: Sequence[int] = PRIORITY_STEPS) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, one per priority step (kombu's names)."""
+    return [queue if step == 0 else f"{queue}{sep}{step}" for step in steps]
+
+
 # How long a producer's .get() keeps reconnecting to a Redis that went away (once a second).
 REDIS_OUTAGE_S = 240
 # The result backend's own connection retries (Celery's `retry_policy`, default 20 tries a second

@@ -52,9 +52,9 @@ class BrokerSettings(BaseSettings):
     # password goes in the first sentinel:// part, as sentinel://:PASSWORD@host:26379/0).
     REDIS_SENTINEL_MASTER: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     REDIS_SENTINEL_PASSWORD: str | None = None
-    # The model a request without `model` asks for: its workers consume the `render` queue, every
-    # other model's workers `render.<model>` (worker_config/routing.py). Unset: a single-model farm,
-    # every worker consumes `render` (and its model's own queue).
+    # The model a request without `model` asks for: its workers consume the `render` queue (and their
+    # model's own), every other model's workers `render.<model>` (worker_config/routing.py). Unset:
+    # a single-model farm, every worker consumes `render` (and its model's own queue).
     DEFAULT_MODEL: str | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "DEFAULT_MODEL", mode="before")

@@ -28,7 +28,7 @@ from renderfarm.api.keys import KeyRing
 from renderfarm.api.quotas import QuotaExceeded, Quotas
 from renderfarm.api.records import Records
 from renderfarm.api.settings import ApiSettings
-from renderfarm.api.videos import BadParameter, render_kwargs, seconds_of, video_object
+from renderfarm.api.videos import BadParameter, render_kwargs, shown_size_and_seconds, video_object
 
 __all__ = ["ApiError", "create_app"]
 
@@ -170,9 +170,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             kwargs = render_kwargs(params, settings.models)
         except BadParameter as exc:
             raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-        from tasks.profiles import profile_for
-
-        profile = profile_for(kwargs["model"])
+        size, seconds = shown_size_and_seconds(kwargs, params)
         now = int(time.time())
         video_id = f"video_{uuid.uuid4().hex}"
         try:
@@ -183,8 +181,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             return response
         record = {
             "id": video_id, "owner": owner, "model": kwargs["model"], "prompt": kwargs["prompt"],
-            "size": f"{kwargs.get('width', profile.width)}x{kwargs.get('height', profile.height)}",
-            "seconds": params.get("seconds") or seconds_of(profile.num_frames, profile.fps),
+            "size": size, "seconds": seconds,
             "created_at": now, "expires_at": now + settings.API_VIDEO_TTL_S, "completed_at": None,
         }  # fmt: skip
         records.add(record)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from tasks.profiles import profile_for
 from tasks.schemas import RenderRequest
 
-__all__ = ["BadParameter", "render_kwargs", "seconds_of", "video_object"]
+__all__ = ["BadParameter", "render_kwargs", "shown_size_and_seconds", "video_object"]
 
 # The render request's fields each OpenAI parameter feeds: a field's error names the parameter.
 _PARAMETER_OF = {"prompt": "prompt", "height": "size", "width": "size", "num_frames": "seconds", "model": "model"}
@@ -31,8 +31,11 @@ class BadParameter(ValueError):
         self.param = param
 
 
-def seconds_of(frames: int, fps: int) -> str:
-    return f"{(frames - 1) / fps:g}"
+def shown_size_and_seconds(kwargs: dict[str, Any], params: dict[str, str]) -> tuple[str, str]:
+    """The video object's ``size`` and ``seconds`` for a render request: as asked, else the model's own."""
+    profile = profile_for(kwargs["model"])
+    size = f"{kwargs.get('width', profile.width)}x{kwargs.get('height', profile.height)}"
+    return size, params.get("seconds") or f"{(profile.num_frames - 1) / profile.fps:g}"
 
 
 def render_kwargs(params: dict[str, str], models: tuple[str, ...]) -> dict[str, Any]:

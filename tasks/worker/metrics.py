@@ -35,13 +35,14 @@ from celery import signals
 
 from tasks.engines.holder import ENGINE
 from tasks.pipeline.events import render_stored
+from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
+from worker_config.routing import RENDER_TASK
 from worker_config.settings import get_settings
 
 __all__ = ["install", "outcome_of", "OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
 
 log = logging.getLogger("renderfarm.metrics")
-RENDER_TASK = "tasks.render"
 WEBHOOK_TASK = "tasks.deliver_webhook"
 OUTCOMES = (
     "success", "cached", "invalid", "timeout", "cancelled", "storage", "delivery_limit", "out_of_memory", "error",
@@ -94,7 +95,7 @@ class _QueueDepth:
 
     def __init__(self, client: Any, queues: list[str], sep: str, steps: list[int]) -> None:
         self._client = client
-        self._keys = {q: [q if step == 0 else f"{q}{sep}{step}" for step in steps] for q in queues}
+        self._keys = {q: priority_lists(q, sep, steps) for q in queues}
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
