@@ -89,15 +89,26 @@ def submit(
     webhook_url: Annotated[
         str | None, typer.Option(help="POST the signed result here when done (host must be allow-listed).")
     ] = None,
+    model: Annotated[str | None, typer.Option(help="The model to render with (default: DEFAULT_MODEL).")] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(help="First frame, for models that take an image: a local file (sent inline) or s3://bucket/key."),
+    ] = None,
 ) -> None:
     """Send a render to the queue (REDIS_URL); print its task id, or with --wait its result."""
     from tasks import InvalidRequest, render
+    from tasks.images import data_url
     from tasks.schemas import parse_request
     from worker_config.celery_config import PRIORITIES
 
+    if image is not None and Path(image).is_file():
+        try:
+            image = data_url(Path(image))
+        except ValueError as exc:
+            _fail(f"--image {image}: {exc}", 2)
     request = _request(prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps, seed=seed,
                        fps=fps, negative_prompt=negative_prompt, force=force or None,
-                       webhook_url=webhook_url)  # fmt: skip
+                       webhook_url=webhook_url, model=model, image=image)  # fmt: skip
     try:
         parse_request(request)  # the worker validates again; this fails fast without a round trip
         async_result = render.apply_async(kwargs=request, priority=PRIORITIES[priority.value])
@@ -235,6 +246,26 @@ def fetch_model() -> None:
     shown = f"{size / 1024:.2f} GiB" if size >= 1024 else f"{size:.1f} MiB"
     console.print(f"{fetched.model}{revision}: {shown} in {fetched.path} ({fetched.seconds:.1f} s)")
     typer.echo(str(fetched.path))
+
+
+@app.command("upload-image")
+def upload_image(
+    path: Annotated[Path, typer.Argument(help="A PNG, JPEG or WebP file.", exists=True, dir_okay=False)],
+) -> None:
+    """Check an image and store it in the farm's bucket (inputs/<sha256>.<ext>); print its s3:// URL for `image`."""
+    from renderfarm.inputs import upload_image as upload
+    from tasks.errors import StorageUnavailable
+    from worker_config.settings import SettingsError
+
+    try:
+        url = upload(path)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    except ValueError as exc:
+        _fail(f"{path}: {exc}", 2)
+    except StorageUnavailable as exc:
+        _fail(str(exc))
+    typer.echo(url)
 
 
 @app.command()

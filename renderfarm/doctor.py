@@ -94,7 +94,8 @@ def _worker_checks(settings: Settings) -> list[Check]:
         chosen = selfcheck.plan(settings, found)
     except FatalWorkerError as exc:
         return [*found, Check("model", False, f"MODEL_ID={settings.MODEL_ID}: nothing can render here: {exc}")]
-    where = "built in" if settings.MODEL_ID == "tiny-wan" else "downloaded on a worker's first load unless cached"
+    built_in = settings.MODEL_ID in ("tiny-wan", "tiny-wan-ti2v")
+    where = "built in" if built_in else "downloaded on a worker's first load unless cached"
     detail = f"MODEL_ID={settings.MODEL_ID} ({where}) on ENGINE={chosen.engine}"
     if chosen.fallback:
         detail += f" (fallback: {chosen.reason})"

@@ -1,8 +1,9 @@
 """Deterministic names: the resolved render spec, its seed and its object key.
 
 The object key is a hash of the normalised spec (model and every parameter after defaults,
-seed included), never user text. The same spec always maps to the same key, so a redelivered
-task overwrites nothing new and an identical request can be served from storage.
+seed included, and an image-conditioned render's image hash, ``image_sha256``), never user text.
+The same spec always maps to the same key, so a redelivered task overwrites nothing new and an
+identical request can be served from storage.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import json
 from typing import Any
 
 from tasks.errors import InvalidRequest
-from tasks.profiles import profile_for
+from tasks.images import ConditioningImage
+from tasks.profiles import image_models, profile_for
 from tasks.schemas import Limits, RenderRequest
 from tasks.webhook import check_url
 
-__all__ = ["RenderSpec", "resolve", "seed_for_task", "object_key", "KEY_PREFIX", "KEY_VERSION"]
+__all__ = ["RenderSpec", "resolve", "check_model", "seed_for_task", "object_key", "KEY_PREFIX", "KEY_VERSION"]
 
 KEY_VERSION = 1
 KEY_PREFIX = "renders/"  # every video's key starts here (the retention rule applies to it)
@@ -35,18 +37,34 @@ def seed_for_task(task_id: str) -> int:
     return int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big")
 
 
-def resolve(request: RenderRequest, served_model: str, task_id: str, limits: Limits) -> RenderSpec:
-    """Fill defaults from the model profile and check the model's size rules and the deployment's limits."""
+def check_model(request: RenderRequest, served_model: str, limits: Limits) -> str:
+    """The model the request is for; ``InvalidRequest`` if it is not served here, or if it takes no
+    image and the request sends one (checked before the image is read)."""
     model = request.model or served_model
     if model not in limits.models:
         raise _invalid(f"model: {model!r} is not served by this queue; available: {', '.join(limits.models)}")
+    if request.image is not None and not profile_for(model).takes_image:
+        raise _invalid(
+            f"image: {model} is a text-to-video model and takes no image; models that do: {', '.join(image_models())}"
+        )
+    return model
+
+
+def resolve(
+    request: RenderRequest, served_model: str, task_id: str, limits: Limits, image: ConditioningImage | None = None
+) -> RenderSpec:
+    """Fill defaults from the model profile and check the model's size rules and the deployment's limits.
+    ``image``: the request's image, read and checked (``tasks.images``); its hash goes into the spec."""
+    model = check_model(request, served_model, limits)
+    if (image is None) != (request.image is None):
+        raise ValueError("resolve: pass the request's image, checked, exactly when the request has one")
     if request.webhook_url is not None:
         try:
             check_url(request.webhook_url, limits.webhooks, resolve=False)  # no DNS here: the delivery resolves
         except ValueError as exc:
             raise _invalid(f"webhook_url: {exc}") from None
     # ``force`` and ``webhook_url`` decide what happens around the render, not its pixels or key.
-    given = request.model_dump(exclude_none=True, exclude={"force", "webhook_url"})
+    given = request.model_dump(exclude_none=True, exclude={"force", "webhook_url", "image"})
     profile = profile_for(model)
     spec: RenderSpec = {**profile.defaults(), **given, "model": model}
     if spec.get("seed") is None:
@@ -70,7 +88,10 @@ def resolve(request: RenderRequest, served_model: str, task_id: str, limits: Lim
             f"size: {spec['width']}x{spec['height']} x {spec['num_frames']} frames = {budget:,} pixel-frames; "
             f"this deployment allows at most {limits.max_pixel_frames:,} (MAX_PIXEL_FRAMES)"
         )
-    return {name: spec[name] for name in _SPEC_FIELDS}
+    resolved = {name: spec[name] for name in _SPEC_FIELDS}
+    if image is not None:  # only then: the keys of text-to-video renders stay as they were
+        resolved["image_sha256"] = image.sha256
+    return resolved
 
 
 def _invalid(message: str) -> InvalidRequest:

@@ -58,6 +58,10 @@ class RenderRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     fps: int | None = Field(None, ge=1, le=120)
     model: str | None = Field(None, min_length=1, max_length=200)
+    # Image-conditioned renders (models that take an image): a data:image/png|jpeg|webp;base64 URL or
+    # s3://<the farm's bucket>/<key> (tasks.images). Its bytes are checked by the worker (s1_validate),
+    # and the video's key holds their hash, not this text.
+    image: str | None = Field(None, min_length=1, max_length=96 * 1024 * 1024)
     force: bool = False
     # Not part of the video (nor of its object key): where to POST the result when the render ends.
     # Its syntax is checked here; the host allow-list and addresses in ``keys.resolve`` (``Limits``).
@@ -80,6 +84,15 @@ class RenderRequest(BaseModel):
     @classmethod
     def _negative_text(cls, value: str | None) -> str | None:
         return None if value is None else _check_text(value, "negative_prompt")
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tasks.images import parse_ref
+
+            parse_ref(value)
+        return value
 
     @field_validator("webhook_url")
     @classmethod
@@ -137,6 +150,8 @@ class Limits(BaseModel):
     max_prompt_chars: int
     max_pixel_frames: int
     models: tuple[str, ...]
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 6000 * 6000
     # Webhook allow-list and secret (WEBHOOK_ALLOWED_HOSTS, WEBHOOK_SECRET): every worker passes its
     # own deployment's (tasks.pipeline.resources); without one, webhooks are refused.
     webhooks: WebhookPolicy = Field(default_factory=WebhookPolicy)
@@ -171,6 +186,10 @@ class RenderResult(BaseModel):
     # the same expiry; None for a video stored before posters existed.
     poster_key: str | None = None
     poster_url: str | None = None
+    # An image-conditioned render's image: its SHA-256 (part of ``key``) and where it is stored
+    # (``inputs/<sha256>.<ext>`` in the same bucket); None for a text-to-video render.
+    image_sha256: str | None = None
+    image_key: str | None = None
 
 
 def parse_request(kwargs: dict[str, Any]) -> RenderRequest:

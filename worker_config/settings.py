@@ -186,6 +186,11 @@ class Settings(BrokerSettings):
     # Request limits.
     MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
     MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
+    # The `image` of an image-conditioned render (tasks/images.py): its size in bytes (the decoded
+    # data URL, or the object), and its width x height, checked before the pixels are decoded (a
+    # few KB of PNG can hold gigapixels of one colour).
+    MAX_IMAGE_BYTES: int = Field(10 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    MAX_IMAGE_PIXELS: int = Field(6000 * 6000, ge=16 * 16, le=100_000_000)
 
     # --- Operator and producer experience (issue 6): metrics, logs, webhooks ----------------------
     # Prometheus metrics served by the worker's main process on this port (0 = off); each worker

@@ -10,7 +10,8 @@ Importing this package imports no torch: the implementations are imported by
 - ``fastvideo_engine``: FastVideo's ``VideoGenerator``, with ``fastvideo_worker`` (its mp worker's
   entry point), ``fastvideo_ray`` (its Ray executor in a pool process) and ``fastvideo_cpu``
   (FastVideo without an accelerator).
-- ``tiny_wan``: the built-in random-weight checkpoint.
+- ``tiny_wan``: the built-in random-weight checkpoints (``tiny-wan``, ``tiny-wan-ti2v``).
+- ``conditioning``: an image-conditioned render's first frame, the same for every engine.
 - ``holder``: the one owner of a process's engine, and ``load_engine``. ``peak_memory``: a render's peak memory.
   ``oom`` and ``second_try``: one more try after an out-of-memory or a lost engine worker.
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
+    from tasks.images import ConditioningImage
     from worker_config.settings import Settings
 
 __all__ = ["Engine", "RenderOutput", "ProgressFn", "choose_engine", "resolve_model_path"]
@@ -53,22 +55,26 @@ class Engine(Protocol):
     model_id: str
     device: str
 
-    def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput: ...
+    def render(
+        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None
+    ) -> RenderOutput: ...
 
     def close(self) -> None: ...
 
 
 def choose_engine(settings: Settings) -> str:
-    """ENGINE if set; otherwise diffusers for tiny-wan (the CPU default) and fastvideo for real models."""
+    """ENGINE if set; otherwise diffusers for the built-in tiny models (the CPU default), fastvideo for real ones."""
     if settings.ENGINE:
         return settings.ENGINE
-    return "diffusers" if settings.MODEL_ID == "tiny-wan" else "fastvideo"
+    from tasks.engines.tiny_wan import TINY_MODELS
+
+    return "diffusers" if settings.MODEL_ID in TINY_MODELS else "fastvideo"
 
 
 def resolve_model_path(settings: Settings) -> str:
-    """The path or hub id to load: the built-in tiny-wan is built (once) into the model cache."""
-    if settings.MODEL_ID == "tiny-wan":
-        from tasks.engines.tiny_wan import ensure_tiny_wan
+    """The path or hub id to load: a built-in tiny model is built (once) into the model cache."""
+    from tasks.engines.tiny_wan import TINY_MODELS, ensure_tiny_model
 
-        return str(ensure_tiny_wan(settings.MODEL_CACHE_DIR))
+    if settings.MODEL_ID in TINY_MODELS:
+        return str(ensure_tiny_model(settings.MODEL_ID, settings.MODEL_CACHE_DIR))
     return settings.MODEL_ID

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.engines.tiny_wan import TINY_MODELS
 from tasks.errors import FatalWorkerError
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["choose_device", "cuda_usable", "cuda_diagnosis", "driver_version"]
 
 _DRIVER_FILE = Path("/proc/driver/nvidia/version")
-CPU_MODELS = ("tiny-wan",)  # built in, made for the CPU
+CPU_MODELS = TINY_MODELS  # built in, made for the CPU
 
 
 def cuda_usable() -> bool:

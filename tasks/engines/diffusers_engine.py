@@ -1,7 +1,12 @@
 """The diffusers engine: WanPipeline, on the device ``tasks.engines.device`` chooses (CUDA, or the CPU).
 
-It is the CPU engine for ``tiny-wan`` and the fallback where FastVideo's multiprocessing cannot
-start. Real Wan2.1 checkpoints load the same way (bf16 transformer, fp32 VAE on CUDA).
+It is the CPU engine for the built-in tiny models and the fallback where FastVideo's multiprocessing
+cannot start. Real Wan2.1 checkpoints load the same way (bf16 transformer, fp32 VAE on CUDA).
+
+A Wan2.2-TI2V checkpoint (``expand_timesteps`` in its model index: ``tiny-wan-ti2v``,
+Wan2.2-TI2V-5B) renders text-to-video with ``WanPipeline`` and, for a request with an image,
+image-to-video with ``WanImageToVideoPipeline`` built on the same modules (no second copy of the
+weights; Wan2.2 has no CLIP image encoder: the image's latent replaces the first frame's).
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ import gc
 from typing import Any
 
 from tasks.engines import ProgressFn, RenderOutput, resolve_model_path
+from tasks.engines.conditioning import first_frame
 from tasks.engines.device import choose_device
 from tasks.engines.weights import hub_revision
+from tasks.errors import InvalidRequest
+from tasks.images import ConditioningImage
 from worker_config.settings import Settings
 
 __all__ = ["DiffusersEngine"]
@@ -38,14 +46,28 @@ class DiffusersEngine:
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32, revision=revision)
         self._pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=dtype, revision=revision).to(self.device)
         self._pipe.set_progress_bar_config(disable=True)
+        self._i2v: Any = None
+        if self._pipe.config.get("expand_timesteps"):  # Wan2.2-TI2V: the same modules also render from an image
+            from diffusers import WanImageToVideoPipeline
 
-    def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput:
+            self._i2v = WanImageToVideoPipeline(
+                tokenizer=self._pipe.tokenizer, text_encoder=self._pipe.text_encoder, vae=self._pipe.vae,
+                scheduler=self._pipe.scheduler, transformer=self._pipe.transformer, image_encoder=None,
+                image_processor=None, expand_timesteps=True,
+            )  # fmt: skip
+            self._i2v.set_progress_bar_config(disable=True)
+
+    def render(
+        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None
+    ) -> RenderOutput:
         import torch
 
         if self._pipe is None:
             from tasks.errors import EngineNotReady
 
             raise EngineNotReady("the diffusers engine was used after it was closed")
+        if image is not None and self._i2v is None:  # validation refuses this first; a model index can disagree
+            raise InvalidRequest(f"invalid render request: image: {self.model_id} has no image-to-video pipeline")
         steps = spec["num_inference_steps"]
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +86,9 @@ class DiffusersEngine:
                 device=self.device,
             )
             progress("denoising", 0, steps)
-            out = self._pipe(
+            conditioned = {} if image is None else {"image": first_frame(image, spec["width"], spec["height"])}
+            out = (self._pipe if image is None else self._i2v)(
+                **conditioned,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
                 height=spec["height"],
@@ -83,7 +107,7 @@ class DiffusersEngine:
         return RenderOutput(frames=frames)
 
     def close(self) -> None:
-        self._pipe = None
+        self._pipe = self._i2v = None
         gc.collect()
         try:
             import torch

@@ -45,10 +45,12 @@ from typing import Any
 import psutil
 
 from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
+from tasks.engines.conditioning import first_frame
 from tasks.engines.device import choose_device
 from tasks.engines.second_try import describe_size, with_one_more_try
 from tasks.engines.weights import hub_revision
 from tasks.errors import EngineNotReady, EngineWorkerLost, FatalWorkerError, RenderError
+from tasks.images import ConditioningImage
 from worker_config.settings import Settings
 
 __all__ = [
@@ -64,8 +66,12 @@ LOAD_OPTION_NAMES = frozenset({
     "num_gpus", "distributed_executor_backend", "dit_cpu_offload", "dit_layerwise_offload",
     "text_encoder_cpu_offload", "image_encoder_cpu_offload", "vae_cpu_offload", "pin_cpu_memory",
     "use_fsdp_inference", "disable_autocast", "dit_precision", "vae_precision", "vae_decode_precision",
-    "VSA_sparsity", "revision", "text_encoder_precisions",
+    "VSA_sparsity", "revision", "text_encoder_precisions", "pipeline_config",
 })  # fmt: skip
+# Built-in models configured in FastVideo like the Hub model whose shapes they have (FastVideo finds a
+# Hub model's pipeline configuration by its id; a local directory only by its pipeline's class name,
+# which would make tiny-wan-ti2v a Wan2.1 text-to-video model without image conditioning).
+CONFIGURED_LIKE = {"tiny-wan-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
 REQUEST_SAMPLING_NAMES = ("num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "seed")
 REQUEST_OUTPUT_NAMES = ("output_path", "save_video", "return_frames")
 
@@ -98,14 +104,18 @@ def load_options(settings: Settings, cpu: bool) -> dict[str, Any]:
     return options
 
 
-def generation_request(spec: dict[str, Any], output_path: Path) -> dict[str, Any]:
-    """The ``GenerationRequest`` (as a mapping: only these fields count as set) for one render."""
-    return {
+def generation_request(spec: dict[str, Any], output_path: Path, image_path: Path | None = None) -> dict[str, Any]:
+    """The ``GenerationRequest`` (as a mapping: only these fields count as set) for one render;
+    ``image_path``: the first frame of an image-conditioned render, as a file."""
+    request = {
         "prompt": spec["prompt"],
         "negative_prompt": spec["negative_prompt"],
         "sampling": {name: spec[name] for name in REQUEST_SAMPLING_NAMES},
         "output": {"output_path": str(output_path), "save_video": True, "return_frames": False},
     }
+    if image_path is not None:
+        request["inputs"] = {"image_path": str(image_path)}
+    return request
 
 
 def _private_output_dir(spool: Path) -> Path:
@@ -171,22 +181,40 @@ class FastVideoEngine:
         from fastvideo import VideoGenerator
 
         started = time.perf_counter()
+        options = dict(self._options)
+        if (like := CONFIGURED_LIKE.get(self.model_id)) is not None:
+            from fastvideo.registry import get_pipeline_config_cls_from_name
+
+            options["pipeline_config"] = get_pipeline_config_cls_from_name(like)()
         with warnings.catch_warnings():
             # 0.2.1 routes the *_precision options (PipelineConfig fields) through a path it flags
             # as "legacy-only" in favour of from_config; they are still its own names and honoured.
             warnings.filterwarnings("ignore", message=r".*legacy-only kwargs.*", category=DeprecationWarning)
-            self._generator = VideoGenerator.from_pretrained(self._path, **self._options)
+            self._generator = VideoGenerator.from_pretrained(self._path, **options)
         seconds = time.perf_counter() - started
         log.info("FastVideo VideoGenerator.from_pretrained(%s) took %.2fs with %s", self._path, seconds, self._options)
         return seconds
 
-    def render(self, spec: dict[str, Any], progress: ProgressFn) -> RenderOutput:
+    def render(
+        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None
+    ) -> RenderOutput:
         if self._generator is None:
             raise EngineNotReady("the FastVideo engine was used after it was closed")
         if not self._ray:  # only the mp executor's worker signals its owner
             self._explain_sigquit()
+        name = uuid.uuid4().hex
+        image_path = None
+        if image is not None:  # FastVideo reads the image from a file, in its worker
+            image_path = self._out / f"{name}.png"
+            first_frame(image, spec["width"], spec["height"]).save(image_path)
+        try:
+            return self._render(spec, progress, generation_request(spec, self._out / f"{name}.mp4", image_path))
+        finally:
+            if image_path is not None:
+                image_path.unlink(missing_ok=True)
+
+    def _render(self, spec: dict[str, Any], progress: ProgressFn, request: dict[str, Any]) -> RenderOutput:
         steps = spec["num_inference_steps"]
-        request = generation_request(spec, self._out / f"{uuid.uuid4().hex}.mp4")
         progress("encoding_prompt", None, None)
         started = time.perf_counter()
 

@@ -177,8 +177,9 @@ def setup_worker() -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"[ray worker pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"
     )
-    from tasks.engines import fastvideo_cpu, fastvideo_steps
+    from tasks.engines import fastvideo_cpu, fastvideo_image, fastvideo_steps
 
     if os.environ.get(fastvideo_cpu.CPU_ENV) == "1":
         fastvideo_cpu.apply()
     fastvideo_steps.install_in_worker()
+    fastvideo_image.install_in_worker()

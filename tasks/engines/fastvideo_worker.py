@@ -67,11 +67,12 @@ def worker_main(*args: Any, **kwargs: Any) -> None:
     logging.basicConfig(
         level=logging.INFO, format=f"[fastvideo worker pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"
     )
-    from tasks.engines import fastvideo_cpu, fastvideo_steps
+    from tasks.engines import fastvideo_cpu, fastvideo_image, fastvideo_steps
 
     if os.environ.get(fastvideo_cpu.CPU_ENV) == "1":
         fastvideo_cpu.apply()
     fastvideo_steps.install_in_worker()
+    fastvideo_image.install_in_worker()
     original = _original
     if original is None:  # the spawned interpreter: FastVideo's class still holds its own entry
         from fastvideo.worker.multiproc_executor import WorkerMultiprocProc

@@ -1,11 +1,16 @@
-"""The built-in ``tiny-wan`` model: a tiny random-weight Wan2.1 text-to-video checkpoint.
+"""The built-in tiny models: random-weight Wan checkpoints, built locally, for CPUs and tests.
 
-It is built locally (no hub access), deterministically (seeded), and cached on disk after the
-first build. It renders noise, but through exactly the same code path as a real Wan2.1 model:
-UMT5 text encoder, WanTransformer3DModel, AutoencoderKLWan and a flow-matching UniPC scheduler,
-saved in diffusers format and loaded back with ``from_pretrained``.
+- ``tiny-wan``: Wan2.1 text-to-video in miniature (16 latent channels, an 8x VAE).
+- ``tiny-wan-ti2v``: Wan2.2-TI2V-5B's shapes in miniature: text-and-image-to-video, a 48-channel
+  latent, the residual Wan2.2 VAE that patchifies 2x2 and compresses 16x in all, and
+  ``expand_timesteps`` (the image's latent replaces the first frame's). Sizes are multiples of 32.
 
-The checkpoint directory name carries a version: change ``BUILD_VERSION`` whenever the recipe
+Both are built without hub access, deterministically (seeded), and cached on disk after the first
+build. They render noise, but through exactly the same code path as the real models: UMT5 text
+encoder, WanTransformer3DModel, AutoencoderKLWan and a flow-matching UniPC scheduler, saved in
+diffusers format and loaded back with ``from_pretrained``.
+
+The checkpoint directory name carries a version: change ``BUILD_VERSION`` whenever a recipe
 changes so that stale caches are never reused.
 """
 
@@ -17,9 +22,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["TINY_WAN_ID", "BUILD_VERSION", "ensure_tiny_wan", "tiny_wan_path"]
+__all__ = ["TINY_WAN_ID", "TINY_TI2V_ID", "TINY_MODELS", "BUILD_VERSION", "ensure_tiny_wan", "ensure_tiny_model",
+           "tiny_wan_path", "tiny_model_path"]  # fmt: skip
 
 TINY_WAN_ID = "tiny-wan"
+TINY_TI2V_ID = "tiny-wan-ti2v"
+TINY_MODELS = (TINY_WAN_ID, TINY_TI2V_ID)
 BUILD_VERSION = "v1"
 _SEED = 20261122
 
@@ -33,24 +41,34 @@ _WORDS = (
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
 
 
+def tiny_model_path(model_id: str, cache_dir: Path) -> Path:
+    """Where the checkpoint of ``model_id`` (one of ``TINY_MODELS``) of this build version lives."""
+    if model_id not in TINY_MODELS:
+        raise ValueError(f"{model_id!r} is not a built-in model; built in: {', '.join(TINY_MODELS)}")
+    return Path(cache_dir) / f"{model_id}-{BUILD_VERSION}"
+
+
 def tiny_wan_path(cache_dir: Path) -> Path:
-    """Where the checkpoint of this build version lives under ``cache_dir``."""
-    return Path(cache_dir) / f"tiny-wan-{BUILD_VERSION}"
+    return tiny_model_path(TINY_WAN_ID, cache_dir)
 
 
 def ensure_tiny_wan(cache_dir: Path) -> Path:
-    """Return the checkpoint directory, building it first if it is not cached yet.
+    return ensure_tiny_model(TINY_WAN_ID, cache_dir)
+
+
+def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
+    """Return the checkpoint directory of ``model_id``, building it first if it is not cached yet.
 
     Safe against concurrent builders: each builds in a private temporary directory and the
     first atomic rename wins.
     """
-    target = tiny_wan_path(cache_dir)
+    target = tiny_model_path(model_id, cache_dir)
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-wan-build-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}-build-", dir=target.parent))
     try:
-        _build(tmp)
+        _build(tmp, ti2v=model_id == TINY_TI2V_ID)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -68,12 +86,12 @@ def _vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def _build(out: Path) -> None:
+def _build(out: Path, ti2v: bool) -> None:
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(_SEED)
+    torch.manual_seed(_SEED + ti2v)
     tokenizer = T5Tokenizer(vocab=_vocab(), extra_ids=0)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -94,8 +112,8 @@ def _build(out: Path) -> None:
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
+        in_channels=48 if ti2v else 16,
+        out_channels=48 if ti2v else 16,
         text_dim=32,
         freq_dim=256,
         ffn_dim=32,
@@ -104,26 +122,34 @@ def _build(out: Path) -> None:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=1024,
     )
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=16,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
+    if ti2v:  # Wan2.2's VAE: 3x2x2 pixels patched into 12 channels, 48 latent channels, 16x in all
+        vae = AutoencoderKLWan(
+            base_dim=4, decoder_base_dim=4, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+            temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+            patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+            latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+        )  # fmt: skip
+    else:
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if ti2v else 3.0
     )
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
-    )
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+        expand_timesteps=ti2v,
+    )  # fmt: skip
     pipe.save_pretrained(out)  # type: ignore[attr-defined]  # provided by DiffusionPipeline's mixin
-    _make_fastvideo_loadable(out)
+    _make_fastvideo_loadable(out, keep_expand_timesteps=ti2v)
 
 
-def _make_fastvideo_loadable(out: Path) -> None:
-    """Trim config keys that FastVideo 0.2.1's loader does not know (see FIELD_NOTES.md)."""
+def _make_fastvideo_loadable(out: Path, keep_expand_timesteps: bool) -> None:
+    """Trim config keys that FastVideo 0.2.1's loader does not know (see FIELD_NOTES.md); it reads
+    (and pops) a true ``expand_timesteps``, which diffusers needs to render Wan2.2-TI2V."""
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
-    for key in ("transformer_2", "boundary_ratio", "expand_timesteps"):
+    for key in ("transformer_2", "boundary_ratio") + (() if keep_expand_timesteps else ("expand_timesteps",)):
         index.pop(key, None)
     index["tokenizer"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

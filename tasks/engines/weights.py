@@ -1,6 +1,6 @@
 """The model's weights: where they come from, at which revision, and fetching them ahead of time.
 
-- ``tiny-wan``: built into ``MODEL_CACHE_DIR`` (``tasks.engines.tiny_wan``).
+- ``tiny-wan``, ``tiny-wan-ti2v``: built into ``MODEL_CACHE_DIR`` (``tasks.engines.tiny_wan``).
 - a local directory: used as it is.
 - a Hugging Face Hub id: downloaded into the Hugging Face cache (``HF_HOME``; the image keeps it on
   its volume) at ``MODEL_REVISION`` (a commit hash pins the exact weights; unset follows ``main``).
@@ -37,21 +37,23 @@ class Fetched:
 
 
 def is_hub_model(settings: Settings) -> bool:
-    return settings.MODEL_ID != "tiny-wan" and not Path(settings.MODEL_ID).expanduser().is_dir()
+    from tasks.engines.tiny_wan import TINY_MODELS
+
+    return settings.MODEL_ID not in TINY_MODELS and not Path(settings.MODEL_ID).expanduser().is_dir()
 
 
 def hub_revision(settings: Settings) -> str | None:
-    """The revision to load: ``MODEL_REVISION`` for a Hub model, None for tiny-wan or a local directory."""
+    """The revision to load: ``MODEL_REVISION`` for a Hub model, None for a built-in model or a local directory."""
     return settings.MODEL_REVISION if is_hub_model(settings) else None
 
 
 def fetch(settings: Settings) -> Fetched:
     """Make the weights of ``MODEL_ID`` (at ``MODEL_REVISION``) local; where they are and their size."""
     started = time.perf_counter()
-    if settings.MODEL_ID == "tiny-wan":
-        from tasks.engines.tiny_wan import ensure_tiny_wan
+    from tasks.engines.tiny_wan import TINY_MODELS, ensure_tiny_model
 
-        path = Path(ensure_tiny_wan(settings.MODEL_CACHE_DIR))
+    if settings.MODEL_ID in TINY_MODELS:
+        path = Path(ensure_tiny_model(settings.MODEL_ID, settings.MODEL_CACHE_DIR))
     elif not is_hub_model(settings):
         path = Path(settings.MODEL_ID).expanduser()
     else:

@@ -19,6 +19,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from tasks.errors import RenderTimeout
+from tasks.images import ConditioningImage
 from tasks.pipeline import resources
 from tasks.pipeline.cancelling import RenderCancelled
 from tasks.pipeline.events import render_encoded
@@ -81,12 +82,12 @@ def _send_revoked_event(task: Task) -> None:
 
 def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     clock.enter("validating")
-    request, spec, key = validate(task.request.id, args, kwargs)
+    request, spec, key, image = validate(task.request.id, args, kwargs)
     with delivery(task):
         log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
                  spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
         try:
-            video = _video(task, clock, request, spec, key)
+            video = _video(task, clock, request, spec, key, image)
         except ServedFromStorage as hit:
             log.info("served from storage: %s", key)
             return result_of(task, hit.video, clock, cached=True)
@@ -98,7 +99,10 @@ def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[s
         return result_of(task, stored, clock, cached=False)
 
 
-def _video(task: Task, clock: StageClock, request: RenderRequest, spec: dict[str, Any], key: str) -> SpooledVideo:
+def _video(
+    task: Task, clock: StageClock, request: RenderRequest, spec: dict[str, Any], key: str,
+    image: ConditioningImage | None,
+) -> SpooledVideo:  # fmt: skip
     """The finished MP4 in the spool: rendered now, or left there by an earlier attempt.
     ``ServedFromStorage`` when storage has it already."""
     # Storage is asked whether the video exists while the render starts; its answer is awaited
@@ -109,11 +113,12 @@ def _video(task: Task, clock: StageClock, request: RenderRequest, spec: dict[str
         serve_if_stored(lookup, clock)
         log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
         return video
-    output, engine, memory = generate(task, clock, spec, lookup)
+    output, engine, memory = generate(task, clock, spec, lookup, image)
     clock.enter("encoding")
     path = resources.spool().video_path(key)
     encode(output, engine, spec, path)
     _poster(path, resources.spool().poster_path(key))
     # The frames are gone: the worker gives the memory they held back to the OS (tasks.worker.memory).
     render_encoded.send(sender=task)
-    return resources.spool().commit(key, video_metadata(path, spec, engine, memory))
+    metadata = video_metadata(path, spec, engine, memory, image.key if image else None)
+    return resources.spool().commit(key, metadata)

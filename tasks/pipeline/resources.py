@@ -29,7 +29,7 @@ def limits() -> Limits:
     s = get_settings()
     return Limits(
         max_prompt_chars=s.MAX_PROMPT_CHARS, max_pixel_frames=s.MAX_PIXEL_FRAMES, models=(s.MODEL_ID,),
-        webhooks=webhook_policy(),
+        max_image_bytes=s.MAX_IMAGE_BYTES, max_image_pixels=s.MAX_IMAGE_PIXELS, webhooks=webhook_policy(),
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from tasks.engines import RenderOutput
 from tasks.engines.holder import ENGINE
 from tasks.engines.oom import with_one_oom_retry
 from tasks.engines.peak_memory import PeakMemory
+from tasks.images import ConditioningImage
 from tasks.keys import RenderSpec
 from tasks.pipeline.cancelling import CancelWatch, RenderCancelled
 from tasks.pipeline.progress import StageClock
@@ -29,9 +30,13 @@ Memory = tuple[float | None, str | None]
 
 
 def generate(
-    task: Task, clock: StageClock, spec: RenderSpec, lookup: StorageLookup | None
+    task: Task,
+    clock: StageClock,
+    spec: RenderSpec,
+    lookup: StorageLookup | None,
+    image: ConditioningImage | None = None,
 ) -> tuple[RenderOutput, str, Memory]:
-    """(the engine's output, the engine's name, the render's peak memory)."""
+    """(the engine's output, the engine's name, the render's peak memory); ``image`` conditions the render."""
     engine = ENGINE.get()
     watch = CancelWatch(task.backend.client, task.request.id)
 
@@ -48,7 +53,7 @@ def generate(
     peak = PeakMemory(engine.device)
     peak.start()
     with watch:
-        output = with_one_oom_retry(lambda: engine.render(spec, progress), spec, engine.device)
+        output = with_one_oom_retry(lambda: engine.render(spec, progress, image), spec, engine.device)
     memory = peak.stop()
     if output.stats.get("peak_memory_mb") is not None:  # measured where the model runs (FastVideo's worker)
         memory = (output.stats["peak_memory_mb"], output.stats.get("memory_source"))

@@ -2,7 +2,8 @@
 and a poster: the video's middle frame as a JPEG, for web pages.
 
 Frames are encoded with PyAV: H.264, yuv420p, faststart, so it plays in every browser. An engine
-that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place. The
+that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place once its
+width and height are checked against the request's (the size is part of the stored metadata). The
 poster is decoded from the MP4 either way (what a viewer sees, whichever engine wrote it).
 """
 
@@ -30,6 +31,11 @@ POSTER_QUALITY = 85
 def encode(output: RenderOutput, engine: str, spec: RenderSpec, path: Path) -> None:
     """Write the render's MP4 to ``path``; the output's frames are dropped as soon as they are converted."""
     if output.video_path is not None:
+        size = _video_size(output.video_path)
+        if size != (spec["width"], spec["height"]):  # stored under the spec's size: it must be that size
+            raise RenderError(
+                f"engine {engine} wrote a {size[0]}x{size[1]} video; {spec['width']}x{spec['height']} was asked for"
+            )
         os.replace(output.video_path, path)
         return
     if output.frames is None:
@@ -41,8 +47,11 @@ def encode(output: RenderOutput, engine: str, spec: RenderSpec, path: Path) -> N
     encode_mp4(frames, spec["fps"], path)
 
 
-def video_metadata(path: Path, spec: RenderSpec, engine: str, memory: Memory) -> dict[str, str]:
-    """What the video is stored with (S3 user metadata): its hash, size, seed, model and engine."""
+def video_metadata(
+    path: Path, spec: RenderSpec, engine: str, memory: Memory, image_key: str | None = None
+) -> dict[str, str]:
+    """What the video is stored with (S3 user metadata): its hash, size, seed, model and engine, and
+    an image-conditioned render's image (its hash and key)."""
     metadata = {
         "sha256": sha256_file(path),
         "width": str(spec["width"]),
@@ -53,6 +62,8 @@ def video_metadata(path: Path, spec: RenderSpec, engine: str, memory: Memory) ->
         "model": spec["model"],
         "engine": engine,
     }
+    if image_key is not None:
+        metadata.update({"image-sha256": spec["image_sha256"], "image-key": image_key})
     peak_mb, memory_source = memory
     if peak_mb is not None and memory_source is not None:
         metadata.update({"peak-memory-mb": str(peak_mb), "memory-source": memory_source})
@@ -86,6 +97,14 @@ def encode_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> Path:
         container.mux(stream.encode(None))
     os.replace(tmp, path)
     return path
+
+
+def _video_size(video: Path) -> tuple[int, int]:
+    import av
+
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.width, stream.codec_context.height
 
 
 def write_poster(video: Path, poster: Path) -> Path:

@@ -48,6 +48,8 @@ def result_of(task: Task, video: StoredVideo, clock: StageClock, cached: bool) -
         memory_source=None if cached else meta.get("memory-source"),
         poster_key=video.poster_key,
         poster_url=store.presign(video.poster_key) if video.poster_key else None,
+        image_sha256=meta.get("image-sha256"),
+        image_key=meta.get("image-key"),
     )
     log.info("done in %.2fs (cached=%s): %s", timings["total"], cached, video.key)
     return result.model_dump()

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import StorageUnavailable
 from worker_config.settings import Settings, endpoint_parts
@@ -102,16 +102,9 @@ class VideoStore:
 
     def find(self, key: str) -> StoredVideo | None:
         """The stored video at ``key``, or None if there is none."""
-        from minio.error import S3Error
-
-        self.ensure_bucket()
-        with self._errors(f"stat {key}"):
-            try:
-                stat = self._client.stat_object(self.bucket, key)
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    return None
-                raise
+        stat = self._stat(key)
+        if stat is None:
+            return None
         meta = {
             name.lower().removeprefix(_META_PREFIX): value
             for name, value in (stat.metadata or {}).items()
@@ -131,6 +124,47 @@ class VideoStore:
         with self._errors(f"upload {key}"):
             self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=dict(stored))
         return StoredVideo(key=key, size_bytes=path.stat().st_size, metadata=stored)
+
+    def put_input(self, key: str, data: bytes, content_type: str) -> bool:
+        """Store a conditioning image at its content address ``key`` unless it is there; True if stored now."""
+        import io
+
+        if self._stat(key) is not None:
+            return False
+        with self._errors(f"upload {key}"):
+            self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        return True
+
+    def read_small(self, key: str, max_bytes: int) -> bytes | None:
+        """The object at ``key`` if it is at most ``max_bytes`` long (checked before the download);
+        None if there is no such object. ``ValueError`` (naming the size) if it is larger."""
+        stat = self._stat(key)
+        if stat is None:
+            return None
+        if int(stat.size or 0) > max_bytes:
+            raise ValueError(f"{int(stat.size or 0):,} bytes; at most {max_bytes:,} are allowed")
+        with self._errors(f"download {key}"):
+            response = self._client.get_object(self.bucket, key, length=max_bytes + 1)
+            try:
+                data = response.read(max_bytes + 1)
+            finally:
+                response.close()
+                response.release_conn()
+        if len(data) > max_bytes:  # replaced by a larger object since the stat
+            raise ValueError(f"more than {max_bytes:,} bytes; at most {max_bytes:,} are allowed")
+        return data
+
+    def _stat(self, key: str) -> Any:
+        from minio.error import S3Error
+
+        self.ensure_bucket()
+        with self._errors(f"stat {key}"):
+            try:
+                return self._client.stat_object(self.bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return None
+                raise
 
     def presign(self, key: str) -> str:
         """A time-limited GET URL for clients, on the public endpoint."""
