@@ -101,9 +101,9 @@ def parse_ref(value: str) -> ImageRef:
 def decode_data_url(ref: ImageRef, max_bytes: int) -> bytes:
     """The bytes of a data URL, refused before decoding when they would exceed ``max_bytes``."""
     payload = "".join((ref.payload or "").split())  # base64 in a data URL may be wrapped
-    if len(payload) // 4 * 3 > max_bytes + 2:
-        size = len(payload) // 4 * 3
-        raise ValueError(f"image: about {size:,} bytes; at most {max_bytes:,} are allowed (MAX_IMAGE_BYTES)")
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")  # what it decodes to, if it is valid base64
+    if size > max_bytes:
+        raise ValueError(f"image: {size:,} bytes; at most {max_bytes:,} are allowed (MAX_IMAGE_BYTES)")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

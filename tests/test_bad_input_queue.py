@@ -46,9 +46,16 @@ HOSTILE = [
      "(MAX_PIXEL_FRAMES)"),
     ("`steps=4` (unknown field)", {"prompt": "x", "steps": 4},
      "steps: unknown field; allowed fields: prompt, negative_prompt, num_frames, height, width, num_inference_steps, "
-     "guidance_scale, seed, fps, model, force, webhook_url"),
+     "guidance_scale, seed, fps, model, image, force, webhook_url"),
     ('`model="stabilityai/other"`', {"prompt": "x", "model": "stabilityai/other"},
      "model: 'stabilityai/other' is not served by this queue; available: tiny-wan"),
+    ("`image` sent to a text-to-video model", {"prompt": "x", "image": "s3://anything/cat.png"},
+     "image: tiny-wan is a text-to-video model and takes no image; models that do: tiny-wan-ti2v, "
+     "Wan-AI/Wan2.2-TI2V-5B-Diffusers, FastVideo/FastWan2.2-TI2V-5B-Diffusers, "
+     "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers"),
+    ('`image="https://..."`', {"prompt": "x", "image": "https://example.invalid/cat.png"},
+     "image: https:// URLs are not fetched; use a data:image/png|jpeg|webp;base64,... URL or "
+     "s3://<this farm's bucket>/<key>"),
 ]  # fmt: skip
 POSITIONAL = (
     "positional arguments",

@@ -192,7 +192,11 @@ class FastVideoEngine:
             warnings.filterwarnings("ignore", message=r".*legacy-only kwargs.*", category=DeprecationWarning)
             self._generator = VideoGenerator.from_pretrained(self._path, **options)
         seconds = time.perf_counter() - started
-        log.info("FastVideo VideoGenerator.from_pretrained(%s) took %.2fs with %s", self._path, seconds, self._options)
+        configured = ""
+        if "pipeline_config" in options:
+            configured = f"; pipeline_config={type(options['pipeline_config']).__name__} (configured like {like})"
+        log.info("FastVideo VideoGenerator.from_pretrained(%s) took %.2fs with %s%s", self._path, seconds,
+                 self._options, configured)  # fmt: skip
         return seconds
 
     def render(
