@@ -143,7 +143,8 @@ def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gat
         ({"prompt": "x", "seconds": "300"}, "seconds", "frames at 8 fps"),
         ({"prompt": ""}, "prompt", "prompt:"),
         ({"prompt": "x", "style": "noir"}, "style", "Allowed: prompt, model, seconds, size"),
-        ({"prompt": "x", "input_reference": "data:image/png;base64,AAAA"}, "input_reference", "not supported"),
+        ({"prompt": "x", "input_reference": "data:image/png;base64,AAAA"}, "input_reference",
+         "input_reference: tiny-wan is a text-to-video model and takes no image; models that do: tiny-wan-ti2v"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors_naming_the_parameter(gateway: Gateway, body, param, message):
@@ -229,3 +230,67 @@ def test_curl_creates_a_video_with_a_multipart_form_and_reads_it_back(gateway: G
     refused = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"{gateway.base}/videos"],
                              capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
     assert refused == "401"
+
+
+def test_the_sdk_renders_from_an_input_reference_on_a_model_that_takes_images(
+    start_gateway: Callable[..., Gateway], start_worker, producer, tmp_path: Path
+):
+    """``input_reference`` as the SDK sends it (a multipart file), and as a data URL in JSON (curl): the
+    worker renders from that image (its hash in the result); bad images and text-only models get 400s."""
+    import hashlib
+
+    from tasks.images import data_url
+    from tests.test_image_renders import picture
+
+    gateway = start_gateway(API_MODELS="tiny-wan-ti2v,tiny-wan", PRESIGN_EXPIRES_S="600")
+    start_worker(MODEL_ID="tiny-wan-ti2v")
+    client = gateway.client()
+    (tmp_path / "first.png").write_bytes(picture(1))
+    with open(tmp_path / "first.png", "rb") as image:
+        done = client.videos.create_and_poll(prompt="from an image", model="tiny-wan-ti2v", size="96x64",
+                                             seconds="1", input_reference=image, poll_interval_ms=200)  # fmt: skip
+    assert (done.status, done.size) == ("completed", "96x64"), done
+    result = producer.AsyncResult(done.id).result
+    assert result["image_sha256"] == hashlib.sha256(picture(1)).hexdigest()
+    client.videos.download_content(done.id).write_to_file(tmp_path / "first.mp4")
+    assert (ffprobe(tmp_path / "first.mp4")["width"], ffprobe(tmp_path / "first.mp4")["height"]) == (96, 64)
+    # With storage credentials the gateway signs the redirect itself, at request time (its own
+    # PRESIGN_EXPIRES_S, 600 s, not the worker's 24 h): a video's content never expires before its record.
+    status, headers, _ = gateway.raw("GET", f"/videos/{done.id}/content")
+    assert status == 307 and "X-Amz-Expires=600" in headers["location"] and "X-Amz-Expires=86400" in result["url"]
+    assert headers["location"].split("?")[0] == result["url"].split("?")[0]
+
+    body = {"prompt": "from an image", "model": "tiny-wan-ti2v", "size": "96x64", "seconds": "1",
+            "input_reference": data_url(picture(1))}  # fmt: skip
+    created = subprocess.run(
+        ["curl", "-sS", "-X", "POST", f"{gateway.base}/videos", "-H", f"Authorization: Bearer {gateway.keys['alice']}",
+         "-H", "Content-Type: application/json", "--data-binary", "@-"],
+        input=json.dumps(body), capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    again = producer.AsyncResult(json.loads(created)["id"]).get(timeout=120)
+    # The same image by another route: the same stored input (each API video has its own seed, so its own video).
+    assert (again["image_sha256"], again["image_key"]) == (result["image_sha256"], result["image_key"])
+
+    gif = tmp_path / "anim.gif"
+    from PIL import Image
+
+    Image.new("P", (32, 32)).save(gif, "GIF")
+    for params, upload, message in [
+        ({"model": "tiny-wan"}, tmp_path / "first.png", "input_reference: tiny-wan is a text-to-video model"),
+        ({"model": "tiny-wan-ti2v"}, gif, "input_reference: the bytes are not a PNG, JPEG or WebP image"),
+    ]:
+        status, _, error = gateway.raw("POST", "/videos", *multipart({"prompt": "x", **params}, upload.read_bytes()))
+        assert status == 400 and error["error"]["param"] == "input_reference", error
+        assert error["error"]["message"].startswith(message), error
+
+
+def multipart(fields: dict[str, str], file: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body with ``fields`` and ``input_reference`` as a file part, and its header."""
+    boundary = "renderfarm-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]  # fmt: skip
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="input_reference"; filename="x.png"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + file + b"\r\n")  # fmt: skip
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {
+        "Content-Type": f"multipart/form-data; boundary={boundary}"
+    }

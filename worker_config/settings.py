@@ -56,6 +56,12 @@ class BrokerSettings(BaseSettings):
     # model's own), every other model's workers `render.<model>` (worker_config/routing.py). Unset:
     # a single-model farm, every worker consumes `render` (and its model's own queue).
     DEFAULT_MODEL: str | None = Field(None, min_length=1, max_length=200)
+    # The `image` of an image-conditioned render (tasks/images.py): its size in bytes (the decoded
+    # data URL, or the object), and its width x height, checked before the pixels are decoded (a
+    # few KB of PNG can hold gigapixels of one colour). Workers check it; producers (the HTTP
+    # gateway, `renderfarm upload-image`) check the same limits first.
+    MAX_IMAGE_BYTES: int = Field(10 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    MAX_IMAGE_PIXELS: int = Field(6000 * 6000, ge=16 * 16, le=100_000_000)
 
     @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "DEFAULT_MODEL", mode="before")
     @classmethod
@@ -186,11 +192,6 @@ class Settings(BrokerSettings):
     # Request limits.
     MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
     MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
-    # The `image` of an image-conditioned render (tasks/images.py): its size in bytes (the decoded
-    # data URL, or the object), and its width x height, checked before the pixels are decoded (a
-    # few KB of PNG can hold gigapixels of one colour).
-    MAX_IMAGE_BYTES: int = Field(10 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
-    MAX_IMAGE_PIXELS: int = Field(6000 * 6000, ge=16 * 16, le=100_000_000)
 
     # --- Operator and producer experience (issue 6): metrics, logs, webhooks ----------------------
     # Prometheus metrics served by the worker's main process on this port (0 = off); each worker

@@ -6,8 +6,7 @@ not exist or is not the key's, 413 for a body over ``API_MAX_BODY_BYTES`` (refus
 ``Content-Length`` before reading, or once a chunked body passes the limit). Every response carries
 ``x-request-id`` (the client's, or a new one), and the gateway's log lines name it; keys are never
 logged. 429 when a key is over its rate or its concurrency quota (``quotas``), with Retry-After.
-Not yet built (issue 18): ``input_reference`` (image-conditioned renders, issue 17 part 2),
-refused with a 400 that says so.
+``input_reference``: a multipart file, or a data URL in JSON, for models that take an image.
 """
 
 from __future__ import annotations
@@ -28,21 +27,26 @@ from renderfarm.api.keys import KeyRing
 from renderfarm.api.quotas import QuotaExceeded, Quotas
 from renderfarm.api.records import Records
 from renderfarm.api.settings import ApiSettings
-from renderfarm.api.videos import BadParameter, render_kwargs, shown_size_and_seconds, video_object
+from renderfarm.api.videos import BadParameter, reference_image, render_kwargs, shown_size_and_seconds, video_object
 
 __all__ = ["ApiError", "create_app"]
 
 log = logging.getLogger("renderfarm.api")
 POLL_AFTER_MS = 500  # how soon the SDK's poll helpers ask again (`openai-poll-after-ms`)
+
+
 # The create body as the served OpenAPI schema states it (parsed by hand: JSON or multipart).
-_CREATE_FIELDS = {
-    "type": "object",
-    "required": ["prompt"],
-    "properties": {name: {"type": "string"} for name in ("prompt", "model", "size", "seconds")},
-}
+def _create_fields(reference: dict[str, str]) -> dict[str, Any]:
+    fields: dict[str, Any] = {name: {"type": "string"} for name in ("prompt", "model", "size", "seconds")}
+    return {"type": "object", "required": ["prompt"], "properties": {**fields, "input_reference": reference}}
+
+
 _CREATE_BODY = {
     "required": True,
-    "content": {"application/json": {"schema": _CREATE_FIELDS}, "multipart/form-data": {"schema": _CREATE_FIELDS}},
+    "content": {
+        "application/json": {"schema": _create_fields({"type": "string", "description": "a data:image/... URL"})},
+        "multipart/form-data": {"schema": _create_fields({"type": "string", "format": "binary"})},
+    },
 }
 
 
@@ -64,6 +68,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     from worker_config.redis_link import redis_client
 
     keys = KeyRing(settings.API_KEYS_FILE)
+    signer = _signer()
     client = redis_client(settings, timeout_s=10, connect_timeout_s=5)
     records = Records(client, settings.API_VIDEO_TTL_S)
 
@@ -119,7 +124,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
                                code="request_too_large")  # fmt: skip
         return bytes(body)
 
-    async def params_of(request: Request) -> dict[str, str]:
+    async def params_of(request: Request) -> tuple[dict[str, str], bytes | str | None]:
+        """The form's parameters, and ``input_reference``: a file's bytes, a JSON string, or None."""
         body = await body_of(request)
         kind = request.headers.get("content-type", "")
         if kind.startswith("application/json"):
@@ -131,23 +137,21 @@ def create_app(settings: ApiSettings) -> FastAPI:
                 raise ApiError(400, "The body is not valid JSON") from None
             if not isinstance(data, dict):
                 raise ApiError(400, "The body must be a JSON object")
-            if "input_reference" in data:
-                raise _no_reference()
-            return {k: str(v) for k, v in data.items() if v is not None}
+            reference = data.pop("input_reference", None)
+            if reference is not None and not isinstance(reference, str):
+                raise ApiError(400, "input_reference: in JSON, a data:image/png|jpeg|webp;base64,... URL; or send "
+                               "the file as multipart/form-data", param="input_reference")  # fmt: skip
+            return {k: str(v) for k, v in data.items() if v is not None}, reference
         if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
 
             async def replay() -> dict[str, Any]:
                 return {"type": "http.request", "body": body, "more_body": False}
 
             form = await Request(request.scope, receive=replay).form()
-            if "input_reference" in form:
-                raise _no_reference()
-            return {k: v for k, v in form.items() if isinstance(v, str)}
+            file = form.get("input_reference")
+            reference = file if isinstance(file, str) or file is None else await file.read()
+            return {k: v for k, v in form.items() if isinstance(v, str) and k != "input_reference"}, reference
         raise ApiError(400, "Send the parameters as JSON or multipart/form-data")
-
-    def _no_reference() -> ApiError:
-        return ApiError(400, "input_reference: image-conditioned renders are not supported by this farm yet",
-                        param="input_reference", code="unsupported_parameter")  # fmt: skip
 
     def current(record: dict[str, Any]) -> dict[str, Any]:
         result = celery_app.AsyncResult(record["id"])
@@ -165,9 +169,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @api.post("/v1/videos", openapi_extra={"requestBody": _CREATE_BODY})
     async def create_video(request: Request) -> JSONResponse:
         owner = owner_of(request)
-        params = await params_of(request)
+        params, reference = await params_of(request)
         try:
             kwargs = render_kwargs(params, settings.models)
+            if reference is not None:
+                kwargs["image"] = await run_in_threadpool(
+                    reference_image, reference, kwargs["model"], settings.MAX_IMAGE_BYTES, settings.MAX_IMAGE_PIXELS
+                )
         except BadParameter as exc:
             raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
         size, seconds = shown_size_and_seconds(kwargs, params)
@@ -233,10 +241,33 @@ def create_app(settings: ApiSettings) -> FastAPI:
         if result.state != "SUCCESS":
             raise ApiError(400, f"Video '{video_id}' is not completed (status {current(record)['status']})",
                            param="video_id", code="video_not_ready")  # fmt: skip
-        url = result.result.get("url" if variant == "video" else "poster_url")
-        if not url:
+        done = result.result
+        key = done.get("key" if variant == "video" else "poster_key")
+        if not key:
             raise ApiError(404, f"Video '{video_id}' has no {variant}", param="variant", code="not_found")
-        # The presigned URL on MINIO_PUBLIC_ENDPOINT: the bytes never pass through the gateway.
+        # A presigned URL on MINIO_PUBLIC_ENDPOINT (the bytes never pass through the gateway): signed
+        # now where the gateway has storage credentials, else the render's own (PRESIGN_EXPIRES_S).
+        if signer is not None and done.get("bucket") == signer.bucket:
+            url = signer.presign(key)
+        else:
+            url = done["url" if variant == "video" else "poster_url"]
         return RedirectResponse(url, status_code=307)
 
     return api
+
+
+def _signer() -> Any:
+    """A ``VideoStore`` to presign with, where the gateway has storage credentials (``MINIO_*``); else None."""
+    from pydantic import ValidationError
+
+    from tasks.pipeline.storage import VideoStore
+    from worker_config.settings import Settings, describe_errors
+
+    try:
+        storage = Settings()
+    except ValidationError as exc:
+        log.warning("no storage settings (%s): content redirects use each render's own URL", describe_errors(exc))
+        return None
+    if not (storage.MINIO_ACCESS_KEY and storage.MINIO_SECRET_KEY):
+        return None
+    return VideoStore(storage)

@@ -17,8 +17,9 @@ class ApiSettings(BrokerSettings):
     API_KEYS_FILE: FilePath
     # The models clients may ask for, comma-separated; empty: DEFAULT_MODEL only.
     API_MODELS: str = ""
-    # Largest request body read, in bytes (a prompt, its options, and later a reference image).
-    API_MAX_BODY_BYTES: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Largest request body read, in bytes: a prompt, its options and an `input_reference` image
+    # (itself at most MAX_IMAGE_BYTES, 10 MiB), with room for multipart's or base64's overhead.
+    API_MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1024, le=96 * 1024 * 1024)
     # How long a video's record (and so the video, for its owner) is kept: `expires_at`.
     API_VIDEO_TTL_S: int = Field(7 * 24 * 3600, ge=60)
     # Per key: video creations a minute (0 = no limit), and videos queued or rendering at once

@@ -4,6 +4,8 @@
 - ``seconds`` becomes frames at the model's fps, rounded up to Wan's 4k+1 rule:
   ``num_frames = 4 * ceil(seconds * fps / 4) + 1`` (FastWan2.1 at 16 fps: 5 s is 81 frames;
   FastWan2.2 at 24 fps: 5 s is 121). Default: the model's own length.
+- ``input_reference`` (for models that take an image): the image, checked like a worker checks it
+  (``tasks.images``), sent to the queue as the render's ``image`` (a data URL).
 - ``status``: a queued task is ``queued``; started, rendering or waiting to retry, ``in_progress``
   with ``progress`` from its denoising steps (0-99); stored, ``completed`` (100); failed or
   cancelled, ``failed`` with the error.
@@ -16,10 +18,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.profiles import profile_for
+from tasks.images import check_image, data_url, decode_data_url, parse_ref
+from tasks.profiles import image_models, profile_for
 from tasks.schemas import RenderRequest
 
-__all__ = ["BadParameter", "render_kwargs", "shown_size_and_seconds", "video_object"]
+__all__ = ["BadParameter", "render_kwargs", "reference_image", "shown_size_and_seconds", "video_object"]
 
 # The render request's fields each OpenAI parameter feeds: a field's error names the parameter.
 _PARAMETER_OF = {"prompt": "prompt", "height": "size", "width": "size", "num_frames": "seconds", "model": "model"}
@@ -81,6 +84,28 @@ def render_kwargs(params: dict[str, str], models: tuple[str, ...]) -> dict[str, 
             message += f" (the seconds give {kwargs[field]} frames at {profile.fps} fps)"
         raise BadParameter(param, f"{param}: {message}") from None
     return kwargs
+
+
+def reference_image(reference: bytes | str, model: str, max_bytes: int, max_pixels: int) -> str:
+    """The render's ``image`` for ``input_reference`` (an uploaded file, or a data URL in JSON): a data
+    URL of the checked bytes (it travels in the queue's message; the worker checks it again and
+    stores it). BadParameter naming ``input_reference``: a model without images, or a bad image."""
+    if not profile_for(model).takes_image:
+        raise BadParameter("input_reference", f"input_reference: {model} is a text-to-video model and takes no "
+                           f"image; models that do: {', '.join(image_models())}")  # fmt: skip
+    try:
+        if isinstance(reference, str):
+            ref = parse_ref(reference)
+            if ref.kind != "data":
+                raise ValueError("image: send the image itself (a multipart file, or a data:image/...;base64 URL)")
+            data = decode_data_url(ref, max_bytes)
+            check_image(data, max_bytes, max_pixels, declared=ref.media_type)
+        else:
+            data = reference
+            check_image(data, max_bytes, max_pixels)
+    except ValueError as exc:
+        raise BadParameter("input_reference", "input_reference" + str(exc).removeprefix("image")) from None
+    return data_url(data)
 
 
 def video_object(record: dict[str, Any], state: str, info: Any) -> dict[str, Any]:
