@@ -186,6 +186,10 @@ class RenderResult(BaseModel):
     # the same expiry; None for a video stored before posters existed.
     poster_key: str | None = None
     poster_url: str | None = None
+    # Nine frames spread over the video in a 3x3 grid (JPEG, tiles at most 256 wide) beside it; None
+    # for a video stored without one.
+    spritesheet_key: str | None = None
+    spritesheet_url: str | None = None
     # An image-conditioned render's image: its SHA-256 (part of ``key``) and where it is stored
     # (``inputs/<sha256>.<ext>`` in the same bucket); None for a text-to-video render.
     image_sha256: str | None = None

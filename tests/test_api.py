@@ -108,6 +108,10 @@ def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gat
     stream = ffprobe(video)
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (64, 48, 9)  # 1 s at 8 fps: 9 = 4k+1
     assert client.videos.download_content(done.id, variant="thumbnail").read()[:3] == b"\xff\xd8\xff"  # a JPEG
+    from PIL import Image
+
+    sheet = Image.open(client.videos.download_content(done.id, variant="spritesheet"))
+    assert (sheet.format, sheet.size) == ("JPEG", (192, 144))  # 9 frames of 64x48, 3 by 3
 
     # Progress while it renders, then a cancel through DELETE (4 steps of 0.6 s or more).
     running = client.videos.create(prompt="to be cancelled", model="tiny-wan", size="64x64")

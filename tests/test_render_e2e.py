@@ -44,15 +44,23 @@ def test_render_through_the_queue_gives_a_playable_mp4(start_worker, producer: C
     assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (80, 48, 13)
     assert stream["avg_frame_rate"] == "12/1"
 
-    # Exactly two objects were written: the video under the derived key and its poster beside it.
+    # Exactly three objects were written: the video under the derived key, its poster and spritesheet beside it.
     poster_key = result["key"].removesuffix(".mp4") + ".jpg"
-    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted([result["key"], poster_key])
+    sheet_key = result["key"].removesuffix(".mp4") + ".sprites.jpg"
+    assert sorted(o.object_name for o in s3.list_objects(bucket, recursive=True)) == sorted(
+        [result["key"], poster_key, sheet_key]
+    )
     # The poster: the middle frame as a JPEG of the video's size, behind a presigned URL like the video's.
     assert result["poster_key"] == poster_key and f"X-Amz-Expires={result['url_expires_s']}&" in result["poster_url"]
     with urllib.request.urlopen(result["poster_url"], timeout=30) as response:
         assert response.headers["Content-Type"] == "image/jpeg"
         poster = Image.open(io.BytesIO(response.read()))
     assert (poster.format, poster.size) == ("JPEG", (80, 48))
+    # The spritesheet: nine of the 13 frames (0, 2, 3, 4, 6, 8, 9, 10, 12) in a 3x3 grid of 80x48 tiles.
+    assert result["spritesheet_key"] == sheet_key
+    with urllib.request.urlopen(result["spritesheet_url"], timeout=30) as response:
+        sheet = Image.open(io.BytesIO(response.read()))
+    assert (sheet.format, sheet.size) == ("JPEG", (240, 144))
     # The bucket is private (no policy).
     with pytest.raises(S3Error) as no_policy:
         s3.get_bucket_policy(bucket)

@@ -63,6 +63,10 @@ def test_buffer_mode_uploads_while_the_next_video_renders(start_worker, producer
     assert sorted(o.object_name for o in videos_in(s3, bucket)) == sorted(r["key"] for r in results)
     assert all(r["timings"]["uploading"] >= 1.5 for r in results)  # the uploads really were slow
     assert stages[-1] == "uploading"  # shown while the upload ran in the background, then SUCCESS
+    # The result, written before the upload ended, names the poster and spritesheet stored with the video.
+    for result in results:
+        for field in ("poster_key", "spritesheet_key"):
+            assert result[field] and s3.stat_object(bucket, result[field]).content_type == "image/jpeg", field
     log = worker.log
     # The second render started before the first upload finished: the GPU did not wait on I/O.
     assert logged_at(log, "seed 1 -> ") < logged_at(log, f"uploaded {results[0]['key']}")

@@ -33,6 +33,8 @@ __all__ = ["ApiError", "create_app"]
 
 log = logging.getLogger("renderfarm.api")
 POLL_AFTER_MS = 500  # how soon the SDK's poll helpers ask again (`openai-poll-after-ms`)
+# content's variants: the render result's fields of each (`key`/`url`, `poster_key`/`poster_url`, ...).
+_VARIANTS = {"video": "", "thumbnail": "poster_", "spritesheet": "spritesheet_"}
 
 
 # The create body as the served OpenAPI schema states it (parsed by hand: JSON or multipart).
@@ -235,14 +237,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @api.get("/v1/videos/{video_id}/content")
     def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
         record = found(video_id, owner_of(request))
-        if variant not in ("video", "thumbnail"):
-            raise ApiError(400, f"variant: '{variant}' is not one of video, thumbnail", param="variant")
+        if variant not in _VARIANTS:
+            raise ApiError(400, f"variant: '{variant}' is not one of {', '.join(_VARIANTS)}", param="variant")
         result = celery_app.AsyncResult(video_id)
         if result.state != "SUCCESS":
             raise ApiError(400, f"Video '{video_id}' is not completed (status {current(record)['status']})",
                            param="video_id", code="video_not_ready")  # fmt: skip
         done = result.result
-        key = done.get("key" if variant == "video" else "poster_key")
+        field = _VARIANTS[variant]
+        key = done.get(f"{field}key")
         if not key:
             raise ApiError(404, f"Video '{video_id}' has no {variant}", param="variant", code="not_found")
         # A presigned URL on MINIO_PUBLIC_ENDPOINT (the bytes never pass through the gateway): signed
@@ -250,7 +253,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         if signer is not None and done.get("bucket") == signer.bucket:
             url = signer.presign(key)
         else:
-            url = done["url" if variant == "video" else "poster_url"]
+            url = done[f"{field}url"]
         return RedirectResponse(url, status_code=307)
 
     return api

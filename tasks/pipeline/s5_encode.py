@@ -1,5 +1,6 @@
 """Stage 5, ``encoding``: the frames become an MP4 in the spool, with the metadata it is stored under,
-and a poster: the video's middle frame as a JPEG, for web pages.
+a poster (the video's middle frame as a JPEG, for web pages) and a spritesheet (nine frames spread
+over the video in a 3x3 grid, a JPEG: what a scrubber or a preview shows).
 
 Frames are encoded with PyAV: H.264, yuv420p, faststart, so it plays in every browser. An engine
 that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place once its
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
 
     from tasks.pipeline.s4_generate import Memory
 
-__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file", "write_poster"]
+__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file", "write_poster",
+           "write_spritesheet"]  # fmt: skip
 
 POSTER_QUALITY = 85
+SHEET_COLUMNS, SHEET_FRAMES, SHEET_TILE_WIDTH = 3, 9, 256
 
 
 def encode(output: RenderOutput, engine: str, spec: RenderSpec, path: Path) -> None:
@@ -125,6 +128,36 @@ def write_poster(video: Path, poster: Path) -> Path:
     frame.to_image().save(tmp, format="JPEG", quality=POSTER_QUALITY)
     os.replace(tmp, poster)
     return poster
+
+
+def write_spritesheet(video: Path, sheet: Path) -> Path:
+    """Up to ``SHEET_FRAMES`` frames spread evenly over the MP4, first to last, in a grid of
+    ``SHEET_COLUMNS`` (left to right, top to bottom), each at most ``SHEET_TILE_WIDTH`` wide; a JPEG."""
+    import av
+    from PIL import Image
+
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        count = stream.frames or sum(1 for _ in container.decode(stream))
+        if not stream.frames:
+            container.seek(0)
+        n = min(SHEET_FRAMES, count)
+        wanted = {round(i * (count - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
+        tiles = [frame.to_image() for index, frame in enumerate(container.decode(stream)) if index in wanted]
+    if not tiles:
+        raise RenderError(f"{video.name} has no frame to make a spritesheet from")
+    width, height = tiles[0].size
+    scale = min(1.0, SHEET_TILE_WIDTH / width)
+    tile = (max(1, round(width * scale)), max(1, round(height * scale)))
+    columns = min(SHEET_COLUMNS, len(tiles))
+    rows = -(-len(tiles) // columns)
+    grid = Image.new("RGB", (tile[0] * columns, tile[1] * rows))
+    for n, image in enumerate(tiles):
+        grid.paste(image.resize(tile), ((n % columns) * tile[0], (n // columns) * tile[1]))
+    tmp = Path(f"{sheet}.{os.getpid()}.part")
+    grid.save(tmp, format="JPEG", quality=POSTER_QUALITY)
+    os.replace(tmp, sheet)
+    return sheet
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -1,4 +1,4 @@
-"""Stage 6, the spool: finished MP4s wait here, with their poster and metadata, until they are stored.
+"""Stage 6, the spool: finished MP4s wait here, with their poster, spritesheet and metadata, until they are stored.
 
 A render's MP4 and its metadata are kept here until the upload succeeded. When storage fails
 and the task is retried, the retry finds the video here and uploads it: a storage outage never
@@ -23,6 +23,7 @@ class SpooledVideo:
     path: Path
     metadata: dict[str, str]
     poster: Path | None = None  # the JPEG beside it, when one was made
+    spritesheet: Path | None = None  # likewise
 
 
 class Spool:
@@ -38,6 +39,10 @@ class Spool:
         """Where the video's poster (JPEG) is written beside it."""
         return self.video_path(key).with_suffix(".jpg")
 
+    def spritesheet_path(self, key: str) -> Path:
+        """Where the video's spritesheet (JPEG) is written beside it."""
+        return self.video_path(key).with_suffix(".sprites.jpg")
+
     def _meta_path(self, key: str) -> Path:
         return self.video_path(key).with_suffix(".json")
 
@@ -45,7 +50,7 @@ class Spool:
         video, meta = self.video_path(key), self._meta_path(key)
         if not (video.is_file() and meta.is_file()):
             return None
-        return SpooledVideo(path=video, metadata=json.loads(meta.read_text()), poster=self._poster_if_made(key))
+        return self._spooled(key, json.loads(meta.read_text()))
 
     def commit(self, key: str, metadata: dict[str, str]) -> SpooledVideo:
         """Mark the MP4 at ``video_path(key)`` complete by writing its metadata (atomically)."""
@@ -53,14 +58,15 @@ class Spool:
         tmp = meta.with_suffix(f".{os.getpid()}.part")
         tmp.write_text(json.dumps(metadata, sort_keys=True))
         os.replace(tmp, meta)
-        return SpooledVideo(path=self.video_path(key), metadata=metadata, poster=self._poster_if_made(key))
+        return self._spooled(key, metadata)
 
-    def _poster_if_made(self, key: str) -> Path | None:
-        poster = self.poster_path(key)
-        return poster if poster.is_file() else None
+    def _spooled(self, key: str, metadata: dict[str, str]) -> SpooledVideo:
+        poster, sheet = self.poster_path(key), self.spritesheet_path(key)
+        return SpooledVideo(path=self.video_path(key), metadata=metadata, poster=poster if poster.is_file() else None,
+                            spritesheet=sheet if sheet.is_file() else None)  # fmt: skip
 
     def discard(self, key: str) -> None:
-        for path in (self._meta_path(key), self.video_path(key), self.poster_path(key)):
+        for path in (self._meta_path(key), self.video_path(key), self.poster_path(key), self.spritesheet_path(key)):
             path.unlink(missing_ok=True)
 
     def sweep(self, max_age_s: float) -> list[Path]:

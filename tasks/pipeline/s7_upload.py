@@ -35,7 +35,7 @@ from tasks.pipeline.events import render_stored
 from tasks.pipeline.progress import PUBLISHER, StageClock
 from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s8_result import result_of
-from tasks.pipeline.storage import StoredVideo
+from tasks.pipeline.storage import StoredVideo, stored_metadata
 from worker_config.settings import get_settings
 
 __all__ = ["upload", "hand_over_upload", "BackgroundUploader", "UPLOADER"]
@@ -47,7 +47,7 @@ task_log = get_task_logger("tasks.render")
 def upload(clock: StageClock, key: str, video: SpooledVideo) -> StoredVideo:
     """Queue mode: store the MP4 now, then drop it from the spool."""
     clock.enter("uploading")
-    stored = resources.store().put(key, video.path, video.metadata, poster=video.poster)
+    stored = resources.store().put(key, video.path, video.metadata, poster=video.poster, spritesheet=video.spritesheet)
     resources.spool().discard(key)
     return stored
 
@@ -95,12 +95,13 @@ def hand_over_upload(task: Task, clock: StageClock, key: str, video: SpooledVide
     """Buffer mode: upload in the background, then store SUCCESS; the task itself returns now."""
     request = task.request  # this task's context, kept for the background thread
     size = video.path.stat().st_size
-    result = result_of(task, StoredVideo(key=key, size_bytes=size, metadata=video.metadata), clock, cached=False)
+    metadata = stored_metadata(video.metadata, video.poster is not None, video.spritesheet is not None)
+    result = result_of(task, StoredVideo(key=key, size_bytes=size, metadata=metadata), clock, cached=False)
 
     def upload_in_background() -> None:
         started = time.perf_counter()
         try:
-            resources.store().put(key, video.path, video.metadata, poster=video.poster)
+            resources.store().put(key, video.path, video.metadata, poster=video.poster, spritesheet=video.spritesheet)
         except StorageUnavailable as exc:
             PUBLISHER.settle(request.id)  # no PROGRESS of this task after its final state
             _upload_failed(task, request, key, exc)

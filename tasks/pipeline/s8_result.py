@@ -48,6 +48,8 @@ def result_of(task: Task, video: StoredVideo, clock: StageClock, cached: bool) -
         memory_source=None if cached else meta.get("memory-source"),
         poster_key=video.poster_key,
         poster_url=store.presign(video.poster_key) if video.poster_key else None,
+        spritesheet_key=video.spritesheet_key,
+        spritesheet_url=store.presign(video.spritesheet_key) if video.spritesheet_key else None,
         image_sha256=meta.get("image-sha256"),
         image_key=meta.get("image-key"),
     )

@@ -23,7 +23,7 @@ from worker_config.settings import Settings, endpoint_parts
 if TYPE_CHECKING:
     from minio import Minio
 
-__all__ = ["RETENTION_RULE_ID", "StoredVideo", "VideoStore", "poster_key"]
+__all__ = ["RETENTION_RULE_ID", "StoredVideo", "VideoStore", "poster_key", "spritesheet_key", "stored_metadata"]
 
 log = logging.getLogger("renderfarm.storage")
 RETENTION_RULE_ID = "renderfarm-retention"
@@ -42,9 +42,23 @@ class StoredVideo:
         """The poster's key, beside the MP4; None for a video stored before posters existed."""
         return poster_key(self.key) if self.metadata.get("poster") == "jpeg" else None
 
+    @property
+    def spritesheet_key(self) -> str | None:
+        """The spritesheet's key, beside the MP4; None for a video stored without one."""
+        return spritesheet_key(self.key) if self.metadata.get("spritesheet") == "jpeg" else None
+
 
 def poster_key(key: str) -> str:
     return key.removesuffix(".mp4") + ".jpg"
+
+
+def spritesheet_key(key: str) -> str:
+    return key.removesuffix(".mp4") + ".sprites.jpg"
+
+
+def stored_metadata(metadata: Mapping[str, str], poster: bool, spritesheet: bool) -> dict[str, str]:
+    """The MP4's metadata as stored: its own, and which images were stored beside it."""
+    return {**metadata, **({"poster": "jpeg"} if poster else {}), **({"spritesheet": "jpeg"} if spritesheet else {})}
 
 
 class VideoStore:
@@ -112,15 +126,19 @@ class VideoStore:
         }
         return StoredVideo(key=key, size_bytes=int(stat.size or 0), metadata=meta)
 
-    def put(self, key: str, path: Path, metadata: Mapping[str, str], poster: Path | None = None) -> StoredVideo:
-        """Upload the MP4 at ``path`` to ``key`` with ``metadata`` (x-amz-meta-*), its poster first:
-        a stored MP4 whose metadata says ``poster: jpeg`` always has its poster beside it."""
+    def put(
+        self, key: str, path: Path, metadata: Mapping[str, str], poster: Path | None = None,
+        spritesheet: Path | None = None,
+    ) -> StoredVideo:  # fmt: skip
+        """Upload the MP4 at ``path`` to ``key`` with ``metadata`` (x-amz-meta-*), its poster and
+        spritesheet first: a stored MP4 whose metadata says ``poster: jpeg`` (``spritesheet: jpeg``)
+        always has that image beside it."""
         self.ensure_bucket()
-        stored = dict(metadata)
-        if poster is not None:
-            with self._errors(f"upload {poster_key(key)}"):
-                self._client.fput_object(self.bucket, poster_key(key), str(poster), content_type="image/jpeg")
-            stored["poster"] = "jpeg"
+        for image, image_key in ((poster, poster_key(key)), (spritesheet, spritesheet_key(key))):
+            if image is not None:
+                with self._errors(f"upload {image_key}"):
+                    self._client.fput_object(self.bucket, image_key, str(image), content_type="image/jpeg")
+        stored = stored_metadata(metadata, poster is not None, spritesheet is not None)
         with self._errors(f"upload {key}"):
             self._client.fput_object(self.bucket, key, str(path), content_type="video/mp4", metadata=dict(stored))
         return StoredVideo(key=key, size_bytes=path.stat().st_size, metadata=stored)
