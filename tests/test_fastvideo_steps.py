@@ -133,3 +133,33 @@ def test_out_of_memory_in_fastvideos_worker_is_retried_once_then_fails_naming_th
     after = producer.send_task("tasks.render", kwargs={"prompt": "fits"}, queue="render").get(timeout=180)
     assert after["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1
     assert model_process(worker, executor).pid == runner.pid
+
+
+def test_two_ranks_render_in_sequence_parallel_and_stop_at_the_same_step(
+    start_worker, producer: Celery, worker_env, s3, bucket
+):
+    """``NUM_GPUS=2``, a worker spread over two GPUs: FastVideo's mp executor starts two ranks that
+    split each denoising step's sequence between them (sequence parallelism, ``sp_size`` =
+    ``num_gpus``), here over gloo on the CPU. Both ranks stop at the same step when the render is
+    cancelled (they agree by an all-reduce), and serve the next render without a rebuild."""
+    worker, _ = start_fastvideo(start_worker, "mp", NUM_GPUS="2")
+    ranks = fastvideo_workers(worker)
+    assert len(ranks) == 2
+    done = producer.send_task("tasks.render", kwargs={"prompt": "two ranks", "height": 64, "width": 96},
+                              queue="render").get(timeout=180)  # fmt: skip
+    assert (done["engine"], done["width"], done["height"]) == ("fastvideo", 96, 64)
+
+    request = {"prompt": "cancel two ranks", "height": 128, "width": 128, "num_frames": 33, "num_inference_steps": 200}
+    running = producer.send_task("tasks.render", kwargs=request, queue="render")
+    wait_for(lambda: running.state == "PROGRESS" and (running.info or {}).get("step", 0) >= 2, 180, "denoising")
+    cancel(running.id, producer)
+    wait_for(lambda: running.state == "REVOKED", 60, "the render to stop")
+    marker = "stopped by the pool process after step "
+    wait_for(lambda: worker.log.count("FastVideo forward ended early") == 2, 30, "both ranks to stop")
+    stopped = {int(part.split()[0].rstrip(":")) for part in worker.log.split(marker)[1:]}
+    assert len(stopped) == 1 and 2 <= stopped.pop() < 200  # the same step on both ranks
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]  # nothing of the cancelled one
+
+    after = producer.send_task("tasks.render", kwargs={"prompt": "after", "seed": 2}, queue="render").get(timeout=180)
+    assert after["worker_pid"] == done["worker_pid"] and worker.log.count("engine loaded") == 1
+    assert sorted(p.pid for p in fastvideo_workers(worker)) == sorted(p.pid for p in ranks)

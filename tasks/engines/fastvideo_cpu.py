@@ -92,6 +92,7 @@ def apply() -> None:
     _cpu_platform_has_sdpa()
     _denoising_runs_in_fp32()
     _cpu_platform_has_a_ray_device_key()
+    _sequence_parallel_warmup_on_cpu()
     _applied = True
     os.environ[CPU_ENV] = "1"
     log.info("FastVideo CPU-compatibility layer applied in pid %d", os.getpid())
@@ -135,6 +136,18 @@ def _cpu_platform_has_a_ray_device_key() -> None:
     from fastvideo.platforms.cpu import CpuPlatform
 
     CpuPlatform.ray_device_key = RAY_DEVICE_KEY
+
+
+def _sequence_parallel_warmup_on_cpu() -> None:
+    """With several ranks (``NUM_GPUS`` > 1) the pipeline primes NCCL's sequence-parallel all-to-all
+    after loading, with CUDA tensors and ``torch.cuda.synchronize``. On the CPU (gloo) there is
+    nothing to prime: skipped. The all-to-all itself runs at the first denoising step."""
+    from fastvideo.pipelines import composed_pipeline_base
+
+    def skipped(device: Any = None) -> None:
+        log.info("sequence-parallel warm-up skipped on the CPU (it primes NCCL)")
+
+    composed_pipeline_base.warmup_sequence_parallel_communication = skipped  # type: ignore[assignment]
 
 
 def _denoising_runs_in_fp32() -> None:
