@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from tasks.pipeline.s5_encode import encode_mp4, sha256_file, to_uint8_frames, write_spritesheet
+from tasks.pipeline.s5_encode import encode_mp4, sha256_file, to_uint8_frames, write_previews
 
 
 def test_encoded_video_decodes_to_the_same_frames(tmp_path):
@@ -35,12 +35,14 @@ def test_frames_of_the_wrong_shape_are_refused():
 
 
 @pytest.mark.parametrize(("count", "shown"), [(17, [0, 2, 4, 6, 8, 10, 12, 14, 16]), (5, [0, 1, 2, 3, 4]), (1, [0])])
-def test_the_spritesheet_shows_frames_spread_evenly_first_to_last_in_rows_of_three(tmp_path, count, shown):
+def test_the_poster_is_the_middle_frame_and_the_spritesheet_spreads_frames_in_rows_of_three(tmp_path, count, shown):
     from PIL import Image
 
     levels = [int(v) for v in np.linspace(10, 245, count)]  # frame i is a flat grey of its own level
     frames = np.stack([np.full((32, 48, 3), level, np.uint8) for level in levels])
-    sheet = Image.open(write_spritesheet(encode_mp4(frames, 8, tmp_path / "v.mp4"), tmp_path / "s.jpg"))
+    write_previews(encode_mp4(frames, 8, tmp_path / "v.mp4"), tmp_path / "p.jpg", tmp_path / "s.jpg")
+    poster, sheet = Image.open(tmp_path / "p.jpg"), Image.open(tmp_path / "s.jpg")
+    assert poster.size == (48, 32) and abs(poster.getpixel((24, 16))[0] - levels[count // 2]) <= 6  # the middle frame
     columns = min(3, len(shown))
     assert sheet.size == (48 * columns, 32 * -(-len(shown) // columns))
     seen = [sheet.getpixel((48 * (n % 3) + 24, 32 * (n // 3) + 16))[0] for n in range(len(shown))]

@@ -28,7 +28,7 @@ from tasks.pipeline.s1_validate import validate
 from tasks.pipeline.s2_admit import delivery, drop_if_succeeded
 from tasks.pipeline.s3_lookup import ServedFromStorage, StorageLookup, serve_if_stored
 from tasks.pipeline.s4_generate import generate
-from tasks.pipeline.s5_encode import encode, video_metadata, write_poster, write_spritesheet
+from tasks.pipeline.s5_encode import encode, video_metadata, write_previews
 from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
@@ -65,12 +65,10 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
 def _previews(video: Path, key: str) -> None:
     """The video's poster and spritesheet; a video without them is still stored (they are not worth a render)."""
     spool = resources.spool()
-    for name, write, path in (("poster", write_poster, spool.poster_path(key)),
-                              ("spritesheet", write_spritesheet, spool.spritesheet_path(key))):  # fmt: skip
-        try:
-            write(video, path)
-        except Exception as exc:  # noqa: BLE001 - the video is what was asked for
-            log.warning("no %s for %s: %s: %s", name, video.name, type(exc).__name__, exc)
+    try:
+        write_previews(video, spool.poster_path(key), spool.spritesheet_path(key))
+    except Exception as exc:  # noqa: BLE001 - the video is what was asked for
+        log.warning("no poster or spritesheet for %s: %s: %s", video.name, type(exc).__name__, exc)
 
 
 def _send_revoked_event(task: Task) -> None:

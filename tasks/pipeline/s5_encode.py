@@ -21,11 +21,11 @@ from tasks.keys import RenderSpec
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image
 
     from tasks.pipeline.s4_generate import Memory
 
-__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file", "write_poster",
-           "write_spritesheet"]  # fmt: skip
+__all__ = ["encode", "video_metadata", "encode_mp4", "to_uint8_frames", "sha256_file", "write_previews"]
 
 POSTER_QUALITY = 85
 SHEET_COLUMNS, SHEET_FRAMES, SHEET_TILE_WIDTH = 3, 9, 256
@@ -110,31 +110,11 @@ def _video_size(video: Path) -> tuple[int, int]:
         return stream.codec_context.width, stream.codec_context.height
 
 
-def write_poster(video: Path, poster: Path) -> Path:
-    """The MP4's middle frame as a JPEG at ``poster`` (atomic via a temp name)."""
+def write_previews(video: Path, poster: Path, sheet: Path) -> None:
+    """The MP4's poster (its middle frame) and spritesheet (up to ``SHEET_FRAMES`` frames spread
+    evenly, first to last, in rows of ``SHEET_COLUMNS``, each at most ``SHEET_TILE_WIDTH`` wide),
+    both JPEGs, from one pass over the frames (atomic via temp names)."""
     import av
-
-    with av.open(str(video)) as container:
-        stream = container.streams.video[0]
-        middle = max(0, (stream.frames or 1) // 2)
-        frame = None
-        for index, decoded in enumerate(container.decode(stream)):
-            frame = decoded
-            if index >= middle:
-                break
-    if frame is None:
-        raise RenderError(f"{video.name} has no frame to make a poster from")
-    tmp = Path(f"{poster}.{os.getpid()}.part")
-    frame.to_image().save(tmp, format="JPEG", quality=POSTER_QUALITY)
-    os.replace(tmp, poster)
-    return poster
-
-
-def write_spritesheet(video: Path, sheet: Path) -> Path:
-    """Up to ``SHEET_FRAMES`` frames spread evenly over the MP4, first to last, in a grid of
-    ``SHEET_COLUMNS`` (left to right, top to bottom), each at most ``SHEET_TILE_WIDTH`` wide; a JPEG."""
-    import av
-    from PIL import Image
 
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
@@ -143,21 +123,38 @@ def write_spritesheet(video: Path, sheet: Path) -> Path:
             container.seek(0)
         n = min(SHEET_FRAMES, count)
         wanted = {round(i * (count - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
-        tiles = [frame.to_image() for index, frame in enumerate(container.decode(stream)) if index in wanted]
-    if not tiles:
-        raise RenderError(f"{video.name} has no frame to make a spritesheet from")
+        middle = count // 2
+        tiles, cover = [], None
+        for index, frame in enumerate(container.decode(stream)):
+            if index in wanted or index == middle:
+                image = frame.to_image()
+                tiles += [image] if index in wanted else []
+                cover = image if index == middle else cover
+            if index >= max(wanted | {middle}):
+                break
+    if cover is None or not tiles:
+        raise RenderError(f"{video.name} has no frame to make a poster from")
+    _save_jpeg(cover, poster)
+    _save_jpeg(_grid(tiles), sheet)
+
+
+def _grid(tiles: list[Image.Image]) -> Image.Image:
+    from PIL import Image
+
     width, height = tiles[0].size
     scale = min(1.0, SHEET_TILE_WIDTH / width)
     tile = (max(1, round(width * scale)), max(1, round(height * scale)))
     columns = min(SHEET_COLUMNS, len(tiles))
-    rows = -(-len(tiles) // columns)
-    grid = Image.new("RGB", (tile[0] * columns, tile[1] * rows))
+    grid = Image.new("RGB", (tile[0] * columns, tile[1] * -(-len(tiles) // columns)))
     for n, image in enumerate(tiles):
         grid.paste(image.resize(tile), ((n % columns) * tile[0], (n // columns) * tile[1]))
-    tmp = Path(f"{sheet}.{os.getpid()}.part")
-    grid.save(tmp, format="JPEG", quality=POSTER_QUALITY)
-    os.replace(tmp, sheet)
-    return sheet
+    return grid
+
+
+def _save_jpeg(image: Image.Image, path: Path) -> None:
+    tmp = Path(f"{path}.{os.getpid()}.part")
+    image.save(tmp, format="JPEG", quality=POSTER_QUALITY)
+    os.replace(tmp, path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
