@@ -14,15 +14,17 @@ mc alias set farm http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/
 mc mb --ignore-existing "farm/$bucket"
 mc anonymous set none "farm/$bucket"
 
-# Retention: videos under renders/ expire RENDER_RETENTION_DAYS after they were stored (0: kept).
-# The rule is the bucket's whole lifecycle, imported again on every run (idempotent).
+# Retention: videos under renders/ and conditioning images under inputs/ expire
+# RENDER_RETENTION_DAYS after they were stored (0: kept). The rules are the bucket's whole
+# lifecycle, imported again on every run (idempotent).
 days="${RENDER_RETENTION_DAYS:-0}"
 if [ "$days" -gt 0 ]; then
-    printf '{"Rules": [{"ID": "renderfarm-retention", "Status": "Enabled", "Filter": {"Prefix": "renders/"}, "Expiration": {"Days": %d}}]}\n' "$days" \
+    printf '{"Rules": [{"ID": "renderfarm-retention", "Status": "Enabled", "Filter": {"Prefix": "renders/"}, "Expiration": {"Days": %d}}, {"ID": "renderfarm-retention-inputs", "Status": "Enabled", "Filter": {"Prefix": "inputs/"}, "Expiration": {"Days": %d}}]}\n' "$days" "$days" \
         | mc ilm import "farm/$bucket"
-    echo "minio-init: videos in $bucket expire after $days days"
+    echo "minio-init: videos and input images in $bucket expire after $days days"
 else
     mc ilm rule rm --id renderfarm-retention "farm/$bucket" >/dev/null 2>&1 || true
+    mc ilm rule rm --id renderfarm-retention-inputs "farm/$bucket" >/dev/null 2>&1 || true
 fi
 
 if [ "$MINIO_ACCESS_KEY" = "$MINIO_ROOT_USER" ]; then

@@ -20,8 +20,14 @@ def test_a_worker_sets_the_retention_rule_on_its_bucket(start_worker, producer: 
     result = producer.send_task("tasks.render", kwargs={"prompt": "kept three days", "seed": 1}, queue="render")
     done = result.get(timeout=120)
 
-    (rule,) = s3.get_bucket_lifecycle(bucket).rules
+    rule, inputs = s3.get_bucket_lifecycle(bucket).rules
     assert (rule.rule_id, rule.status, rule.expiration.days) == ("renderfarm-retention", "Enabled", 3)
     assert done["key"].startswith(rule.rule_filter.prefix) and rule.rule_filter.prefix == "renders/"
+    # Conditioning images (inputs/<sha256>.<ext>) go with the same delay.
+    assert (inputs.rule_id, inputs.rule_filter.prefix, inputs.expiration.days) == (
+        "renderfarm-retention-inputs",
+        "inputs/",
+        3,
+    )
     ttl = redis_server.client.ttl(f"celery-task-meta-{result.id}")
     assert 0 < ttl <= 3 * 86400  # the result goes no later than the video

@@ -23,10 +23,14 @@ from worker_config.settings import Settings, endpoint_parts
 if TYPE_CHECKING:
     from minio import Minio
 
-__all__ = ["RETENTION_RULE_ID", "StoredVideo", "VideoStore", "poster_key", "spritesheet_key", "stored_metadata"]
+__all__ = [
+    "RETENTION_RULE_ID", "INPUTS_RETENTION_RULE_ID", "StoredVideo", "VideoStore", "poster_key", "spritesheet_key",
+    "stored_metadata",
+]  # fmt: skip
 
 log = logging.getLogger("renderfarm.storage")
 RETENTION_RULE_ID = "renderfarm-retention"
+INPUTS_RETENTION_RULE_ID = "renderfarm-retention-inputs"
 
 _META_PREFIX = "x-amz-meta-"
 
@@ -93,19 +97,22 @@ class VideoStore:
         self._bucket_ready = True
 
     def _apply_retention(self, days: int) -> None:
-        """The bucket's lifecycle: videos under KEY_PREFIX expire ``days`` after they were stored.
-        A key without the right (compose's workers: minio-init applies it as the bucket's owner) is
-        told once; storing videos goes on."""
+        """The bucket's lifecycle: videos under KEY_PREFIX, and the conditioning images under
+        INPUT_PREFIX, expire ``days`` after they were stored. A key without the right (compose's
+        workers: minio-init applies it as the bucket's owner) is told once; storing videos goes on."""
         from minio.commonconfig import ENABLED, Filter
         from minio.error import S3Error
         from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
+        from tasks.images import INPUT_PREFIX
         from tasks.keys import KEY_PREFIX
 
-        rule = Rule(ENABLED, rule_filter=Filter(prefix=KEY_PREFIX), rule_id=RETENTION_RULE_ID,
-                    expiration=Expiration(days=days))  # fmt: skip
+        rules = [
+            Rule(ENABLED, rule_filter=Filter(prefix=prefix), rule_id=rule_id, expiration=Expiration(days=days))
+            for rule_id, prefix in ((RETENTION_RULE_ID, KEY_PREFIX), (INPUTS_RETENTION_RULE_ID, INPUT_PREFIX))
+        ]
         try:
-            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([rule]))
+            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(rules))
         except S3Error as exc:
             if exc.code != "AccessDenied":
                 raise StorageUnavailable(f"could not set the retention rule of bucket {self.bucket!r}: {exc}") from exc
