@@ -3,7 +3,8 @@
 Producers: ``from tasks import render; render.delay(prompt="...")``. What a producer may import
 is here, at the top level: ``celery`` (the app), ``render`` (the ``tasks.render`` declaration),
 ``schemas`` (request and result), ``errors``, ``profiles`` (each model's defaults), ``keys`` (the
-object key of a request), ``cancel`` and ``webhook`` (signing, and verifying a delivery). They
+object key of a request), ``images`` (an image-conditioned render's ``image``: ``data_url``, the
+checks), ``cancel`` and ``webhook`` (signing, and verifying a delivery). They
 import no torch and no worker-only module, and read only the broker's settings.
 
 The subpackages are the worker's, in layers that import downwards only:
