@@ -147,8 +147,10 @@ def test_storage_refusing_writes_is_retried_then_fails_with_the_video_kept_in_th
         assert worker.log.count(": render tiny-wan:") == 2 and worker.log.count("in the spool from an earlier") == 1
         # Two upload attempts, each refused at its first write: the poster, stored before the video.
         assert len(storage.refused) == 2 and all(path.endswith(".jpg") for path in storage.refused)
-        # The MP4 and its poster stay in the spool (removed after SPOOL_MAX_AGE_S) for an operator to recover.
+        # The MP4, its poster and spritesheet stay in the spool (removed after SPOOL_MAX_AGE_S) for an
+        # operator to recover.
         spool = Path(worker_env["SPOOL_DIR"])
-        assert len(list(spool.glob("*.mp4"))) == len(list(spool.glob("*.jpg"))) == 1
+        assert len(list(spool.glob("*.mp4"))) == len(list(spool.glob("*.sprites.jpg"))) == 1
+        assert len(list(spool.glob("*.jpg"))) == 2
     finally:
         storage.close()
