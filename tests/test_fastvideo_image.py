@@ -21,11 +21,7 @@ from tests.test_image_renders import frames_of, picture, render
 try:
     import fastvideo  # noqa: F401
 except ImportError:
-    pytest.skip(
-        "fastvideo is not installed in this venv: run scripts/install-fastvideo.sh, then "
-        ".venv-fastvideo/bin/python -m pytest tests/test_fastvideo*.py",
-        allow_module_level=True,
-    )
+    pytest.skip("fastvideo is not installed in this venv: see tests/test_fastvideo.py", allow_module_level=True)
 
 pytestmark = pytest.mark.timeout(600)
 
