@@ -237,16 +237,28 @@ def redact(url: str) -> str:
 
 
 class RedactingTask(Task):
-    """A task whose ``url`` / ``webhook_url`` argument shows redacted where Celery shows arguments:
-    the ``kwargsrepr`` of its messages, which events (Flower) and worker logs print."""
+    """A task whose arguments show shortened where Celery shows them (the ``kwargsrepr`` of its
+    messages, which events, Flower and worker logs print): a ``url`` / ``webhook_url`` redacted, an
+    inline ``image`` (a data URL of up to MAX_IMAGE_BYTES) as its media type and length, the whole
+    at most Celery's own ``kwargsrepr_maxsize`` (1024 characters), as Celery shows other tasks'."""
 
     def apply_async(self, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
         if isinstance(kwargs, dict) and options.get("kwargsrepr") is None:
-            shown = {
-                k: redact(v) if k in ("url", "webhook_url") and isinstance(v, str) else v for k, v in kwargs.items()
-            }
-            options["kwargsrepr"] = repr(shown)
+            from celery.utils.saferepr import saferepr
+
+            shown = {k: _shown(k, v) for k, v in kwargs.items()}
+            options["kwargsrepr"] = saferepr(shown, self.app.amqp.kwargsrepr_maxsize)
         return super().apply_async(args, kwargs, *rest, **options)
+
+
+def _shown(name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if name in ("url", "webhook_url"):
+        return redact(value)
+    if name == "image" and value.startswith("data:"):
+        return f"{value.split(',', 1)[0]},... ({len(value):,} characters)"
+    return value
 
 
 def _addresses(host: str, port: int) -> tuple[str, ...]:

@@ -127,7 +127,9 @@ PRODUCER = """
 import json, sys
 import tasks
 hook = "https://hooks.example.com/render?token=tok-5ecret"
-sent = tasks.render.apply_async(kwargs={"prompt": "a red fox", "webhook_url": hook}, priority=tasks.PRIORITIES["high"])
+image = "data:image/png;base64," + "A" * 400_000
+sent = tasks.render.apply_async(kwargs={"prompt": "a red fox", "webhook_url": hook, "image": image},
+                                priority=tasks.PRIORITIES["high"])
 here = tasks.render.apply(kwargs={"prompt": "a red fox"})  # not a worker: no pipeline, a clear error
 print(json.dumps({
     "id": sent.id,
@@ -154,6 +156,8 @@ def test_a_producer_sends_renders_whatever_the_worker_settings(redis_server):
     # What Celery shows of the arguments (events, Flower, logs): the webhook URL without its token.
     shown = queued[0]["headers"]["kwargsrepr"]
     assert "tok-5ecret" not in shown and "'webhook_url': 'https://hooks.example.com/render?...'" in shown
+    # An inline image shows as its type and length: events and Flower never carry its 400 KB twice.
+    assert "'image': 'data:image/png;base64,... (400,022 characters)'" in shown and len(shown) <= 1024
 
 
 def test_the_same_settings_stop_a_worker_at_start_naming_them(worker_env):
