@@ -28,7 +28,7 @@ test-main: $(STAMP)  ## real redis-server, S3 endpoint and celery workers (FastV
 	$(PY) -m pytest
 
 test-fast: $(STAMP)  ## unit tests only (no worker processes)
-	$(PY) -m pytest tests/test_schemas.py tests/test_keys.py tests/test_settings.py tests/test_video.py
+	$(PY) -m pytest tests/test_schemas.py tests/test_keys.py tests/test_settings.py tests/test_video.py tests/test_images.py
 
 install-fastvideo: $(FV_STAMP)
 
