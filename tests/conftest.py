@@ -7,6 +7,7 @@ producer. Each test that starts workers gets its own bucket and an empty Redis d
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import uuid
@@ -19,6 +20,15 @@ from celery import Celery
 from tests.support import RedisServer, S3Server, TestWorker, minio_client
 
 _names = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _collect_this_tests_garbage() -> Iterator[None]:
+    """Collect each test's reference cycles as it ends: a socket or file it leaked inside one is
+    reported against that test (an unraisable ResourceWarning, an error under filterwarnings=error),
+    not against whichever later test happens to run a full collection."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,16 @@ def videos_in(client: Any, bucket: str) -> list[Any]:
     return [o for o in client.list_objects(bucket, recursive=True) if o.object_name.endswith(".mp4")]
 
 
+def object_bytes(client: Any, bucket: str, key: str) -> bytes:
+    """An object's bytes, its connection closed and released (an unreleased response leaks its socket)."""
+    response = client.get_object(bucket, key)
+    try:
+        return response.read()  # type: ignore[no-any-return]
+    finally:
+        response.close()
+        response.release_conn()
+
+
 def minio_client(server: S3Server):
     from minio import Minio
 

@@ -27,11 +27,13 @@ class Gateway:
     def __init__(self, port: int, keys: dict[str, str], log: Path) -> None:
         self.port, self.keys, self.log = port, keys, log
         self.base = f"http://127.0.0.1:{port}/v1"
+        self.clients: list[Any] = []  # closed when the gateway stops: their pooled connections too
 
     def client(self, owner: str = "alice") -> Any:
         from openai import OpenAI
 
-        return OpenAI(api_key=self.keys[owner], base_url=self.base, max_retries=0, timeout=60)
+        self.clients.append(OpenAI(api_key=self.keys[owner], base_url=self.base, max_retries=0, timeout=60))
+        return self.clients[-1]
 
     def raw(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
             owner: str | None = "alice") -> tuple[int, dict[str, str], Any]:  # fmt: skip
@@ -53,6 +55,7 @@ class Gateway:
 def start_gateway(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     """``start_gateway(**env)``: `renderfarm api` with two keys (alice, bob) and these settings."""
     procs: list[subprocess.Popen[bytes]] = []
+    servers: list[Gateway] = []
 
     def start(**overrides: str) -> Gateway:
         keys, lines = {}, ["# test keys"]
@@ -68,10 +71,13 @@ def start_gateway(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callab
             procs.append(subprocess.Popen([sys.executable, "-m", "renderfarm.cli", "api", "--port", str(port)],
                                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
         server = Gateway(port, keys, log_path)
+        servers.append(server)
         wait_for(lambda: _answers(server), 60, "the API to answer")
         return server
 
     yield start
+    for client in (c for server in servers for c in server.clients):
+        client.close()
     for proc in procs:
         proc.terminate()
         proc.wait(20)

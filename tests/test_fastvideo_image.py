@@ -15,7 +15,7 @@ import pytest
 from celery import Celery
 
 from tasks.images import data_url
-from tests.support import download_verified
+from tests.support import download_verified, object_bytes
 from tests.test_image_renders import frames_of, picture, render
 
 try:
@@ -33,7 +33,7 @@ def test_fastvideo_renders_from_an_image_at_the_requested_size(start_worker, pro
     assert (first["engine"], first["model"], first["width"], first["height"]) == ("fastvideo", "tiny-wan-ti2v", 96, 64)
     probe = download_verified(first, tmp_path / "first.mp4")
     assert (probe["width"], probe["height"], int(probe["nb_read_frames"])) == (96, 64, 9)
-    assert s3.get_object(bucket, first["image_key"]).read() == picture(1)
+    assert object_bytes(s3, bucket, first["image_key"]) == picture(1)
 
     again = render(producer, image=data_url(picture(1)))
     other = render(producer, image=data_url(picture(2)))

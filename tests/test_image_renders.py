@@ -23,7 +23,7 @@ from celery import Celery
 from PIL import Image
 
 from tasks.images import data_url
-from tests.support import ROOT, download_verified, videos_in
+from tests.support import ROOT, download_verified, object_bytes, videos_in
 
 SIZE = {"height": 64, "width": 96, "num_frames": 9, "num_inference_steps": 2, "seed": 5}
 
@@ -56,7 +56,7 @@ def test_an_image_conditioned_render_is_stored_keyed_and_served_again(
     inline = render(producer, image=data_url(red))
     digest = hashlib.sha256(red).hexdigest()
     assert (inline["image_sha256"], inline["image_key"]) == (digest, f"inputs/{digest}.png")
-    assert s3.get_object(bucket, inline["image_key"]).read() == red  # stored as sent
+    assert object_bytes(s3, bucket, inline["image_key"]) == red  # stored as sent
     probe = download_verified(inline, tmp_path / "inline.mp4")
     assert (probe["width"], probe["height"], int(probe["nb_read_frames"])) == (96, 64, 9)
     assert inline["poster_key"] and not inline["cached"]
