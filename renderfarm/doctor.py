@@ -86,6 +86,7 @@ def _webhooks(settings: Settings) -> Check:
 def _worker_checks(settings: Settings) -> list[Check]:
     if importlib.util.find_spec("torch") is None:
         return [Check("worker", True, "PyTorch not installed: a producer-only install (workers need the worker extra)")]
+    from tasks.engines.tiny_wan import TINY_MODELS
     from tasks.errors import FatalWorkerError
     from tasks.worker import selfcheck
 
@@ -94,8 +95,7 @@ def _worker_checks(settings: Settings) -> list[Check]:
         chosen = selfcheck.plan(settings, found)
     except FatalWorkerError as exc:
         return [*found, Check("model", False, f"MODEL_ID={settings.MODEL_ID}: nothing can render here: {exc}")]
-    built_in = settings.MODEL_ID in ("tiny-wan", "tiny-wan-ti2v")
-    where = "built in" if built_in else "downloaded on a worker's first load unless cached"
+    where = "built in" if settings.MODEL_ID in TINY_MODELS else "downloaded on a worker's first load unless cached"
     detail = f"MODEL_ID={settings.MODEL_ID} ({where}) on ENGINE={chosen.engine}"
     if chosen.fallback:
         detail += f" (fallback: {chosen.reason})"

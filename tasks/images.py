@@ -32,7 +32,7 @@ from pathlib import Path
 
 __all__ = [
     "INPUT_PREFIX", "MEDIA_TYPES", "MIN_SIDE", "ImageRef", "ConditioningImage", "parse_ref", "decode_data_url",
-    "check_image", "data_url",
+    "check_data_url", "check_image", "data_url",
 ]  # fmt: skip
 
 INPUT_PREFIX = "inputs/"
@@ -78,6 +78,14 @@ class ConditioningImage:
         """Where it is stored: ``inputs/<sha256>.<ext>``."""
         return f"{INPUT_PREFIX}{self.sha256}.{MEDIA_TYPES[self.format][1]}"
 
+    @property
+    def data_url(self) -> str:
+        return _data_url(self.media_type, self.data)
+
+
+def _data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
 
 def parse_ref(value: str) -> ImageRef:
     """The syntax of an ``image`` value; ``ValueError`` saying which forms are allowed."""
@@ -108,6 +116,11 @@ def decode_data_url(ref: ImageRef, max_bytes: int) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("image: the data URL's payload is not valid base64") from None
+
+
+def check_data_url(ref: ImageRef, max_bytes: int, max_pixels: int) -> ConditioningImage:
+    """A data URL's image, decoded (``decode_data_url``) and checked with its media type (``check_image``)."""
+    return check_image(decode_data_url(ref, max_bytes), max_bytes, max_pixels, declared=ref.media_type)
 
 
 def check_image(data: bytes, max_bytes: int, max_pixels: int, declared: str | None = None) -> ConditioningImage:
@@ -162,4 +175,4 @@ def data_url(source: str | Path | bytes) -> str:
             media = MEDIA_TYPES[image.format or ""][0]
     except (UnidentifiedImageError, OSError, KeyError):
         raise ValueError("not a PNG, JPEG or WebP image") from None
-    return f"data:{media};base64,{base64.b64encode(data).decode('ascii')}"
+    return _data_url(media, data)

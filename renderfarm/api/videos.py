@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tasks.images import check_image, data_url, decode_data_url, parse_ref
+from tasks.images import check_data_url, check_image, parse_ref
 from tasks.profiles import image_models, profile_for
 from tasks.schemas import RenderRequest
 
@@ -98,14 +98,12 @@ def reference_image(reference: bytes | str, model: str, max_bytes: int, max_pixe
             ref = parse_ref(reference)
             if ref.kind != "data":
                 raise ValueError("image: send the image itself (a multipart file, or a data:image/...;base64 URL)")
-            data = decode_data_url(ref, max_bytes)
-            check_image(data, max_bytes, max_pixels, declared=ref.media_type)
+            image = check_data_url(ref, max_bytes, max_pixels)
         else:
-            data = reference
-            check_image(data, max_bytes, max_pixels)
+            image = check_image(reference, max_bytes, max_pixels)
     except ValueError as exc:
         raise BadParameter("input_reference", "input_reference" + str(exc).removeprefix("image")) from None
-    return data_url(data)
+    return image.data_url
 
 
 def video_object(record: dict[str, Any], state: str, info: Any) -> dict[str, Any]:

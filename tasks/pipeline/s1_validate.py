@@ -15,7 +15,7 @@ from typing import Any
 from celery.utils.log import get_task_logger
 
 from tasks.errors import InvalidRequest
-from tasks.images import ConditioningImage, check_image, decode_data_url, parse_ref
+from tasks.images import ConditioningImage, check_data_url, check_image, parse_ref
 from tasks.keys import RenderSpec, check_model, object_key, resolve
 from tasks.pipeline import resources
 from tasks.schemas import Limits, RenderRequest, parse_request
@@ -49,10 +49,7 @@ def _image(value: str, limits: Limits) -> ConditioningImage:
     store = resources.store()
     try:
         if ref.kind == "data":
-            image = check_image(
-                decode_data_url(ref, limits.max_image_bytes), limits.max_image_bytes, limits.max_image_pixels,
-                declared=ref.media_type,
-            )  # fmt: skip
+            image = check_data_url(ref, limits.max_image_bytes, limits.max_image_pixels)
         else:
             if ref.bucket != store.bucket:
                 raise ValueError(

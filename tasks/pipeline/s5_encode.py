@@ -124,12 +124,15 @@ def write_previews(video: Path, poster: Path, sheet: Path) -> None:
         n = min(SHEET_FRAMES, count)
         wanted = {round(i * (count - 1) / (n - 1)) for i in range(n)} if n > 1 else {0}
         middle = count // 2
-        tiles, cover = [], None
+        tiles: list[Image.Image] = []
+        cover = None
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted or index == middle:
                 image = frame.to_image()
-                tiles += [image] if index in wanted else []
-                cover = image if index == middle else cover
+                if index in wanted:
+                    tiles.append(image)
+                if index == middle:
+                    cover = image
             if index >= max(wanted | {middle}):
                 break
     if cover is None or not tiles:
