@@ -112,6 +112,31 @@ def test_the_generation_api_the_engine_uses_exists_and_is_current():
     assert callable(VideoGenerator.shutdown)
 
 
+def test_fastvideo_writes_its_videos_through_the_imageio_the_mp4_writer_replaces(tmp_path):
+    import imageio
+    import numpy as np
+    from fastvideo.entrypoints import video_generator
+
+    from tasks.engines import fastvideo_mp4
+
+    assert video_generator.imageio is imageio or fastvideo_mp4.installed()
+    source = inspect.getsource(video_generator.VideoGenerator._generate_single_video)
+    assert 'imageio.mimsave(output_path, frames, fps=batch.fps, format="mp4")' in source
+    fastvideo_mp4.install()
+    fastvideo_mp4.install()  # idempotent
+    assert fastvideo_mp4.installed() and video_generator.imageio.imwrite is imageio.imwrite  # the rest: imageio's
+    frames = [np.full((32, 48, 3), i * 20, dtype=np.uint8) for i in range(6)]  # FastVideo's frames: a list
+    video_generator.imageio.mimsave(tmp_path / "v.mp4", frames, fps=12, format="mp4")
+    import av
+
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.width, stream.height, stream.frames) == ("h264", 48, 32, 6)
+        assert stream.average_rate == 12
+    video_generator.imageio.mimsave(tmp_path / "a.gif", frames, duration=0.1)  # not an MP4: imageio writes it
+    assert (tmp_path / "a.gif").read_bytes()[:3] == b"GIF"
+
+
 def test_the_hooks_the_cpu_layer_and_the_worker_entry_patch_still_exist():
     from fastvideo.distributed import parallel_state
     from fastvideo.pipelines.stages import denoising

@@ -4,8 +4,9 @@
   option comes from settings and is passed under FastVideo's own name (``LOAD_OPTION_NAMES``;
   ``tests/test_fastvideo_contract.py`` checks them against the installed package).
 - Renders with the typed API, ``generate(request)`` (``generate_video`` is deprecated in 0.2.1),
-  asking FastVideo to write the MP4 and never to return frames. The path is read back from the
-  result: FastVideo renames on collision (``_1.mp4``). The MP4 is written in a private directory
+  asking FastVideo to write the MP4 and never to return frames; it writes it with this farm's
+  encoder (``tasks.engines.fastvideo_mp4``). The path is read back from the result: FastVideo
+  renames on collision (``_1.mp4``). The MP4 is written in a private directory
   inside ``SPOOL_DIR`` so the task can move it into the spool with an atomic rename.
 - Without an accelerator, ``tasks.engines.fastvideo_cpu`` closes FastVideo 0.2.1's CPU gaps in
   this process and in FastVideo's workers: the mp executor's spawned worker (via
@@ -141,7 +142,7 @@ class FastVideoEngine:
         # (this engine's and the lifecycle's own lines included). Celery owns logging here; the
         # spawned worker sets up its own (tasks.engines.fastvideo_worker).
         os.environ.setdefault("FASTVIDEO_CONFIGURE_LOGGING", "0")
-        from tasks.engines import fastvideo_cpu, fastvideo_worker
+        from tasks.engines import fastvideo_cpu, fastvideo_mp4, fastvideo_worker
 
         self.model_id = settings.MODEL_ID
         self._settings = settings
@@ -155,6 +156,7 @@ class FastVideoEngine:
         if cpu:
             fastvideo_cpu.apply()
         fastvideo_worker.install()
+        fastvideo_mp4.install()  # FastVideo's MP4 written by this farm's encoder, not imageio-ffmpeg
         fastvideo_steps.install_in_owner()
         # Before FastVideo's workers start (spawned or Ray's): they inherit the channel's name.
         self._steps = fastvideo_steps.StepMonitor()

@@ -2,10 +2,11 @@
 a poster (the video's middle frame as a JPEG, for web pages) and a spritesheet (nine frames spread
 over the video in a 3x3 grid, a JPEG: what a scrubber or a preview shows).
 
-Frames are encoded with PyAV: H.264, yuv420p, faststart, so it plays in every browser. An engine
-that wrote the MP4 itself (FastVideo) hands over its path, and the file is moved into place once its
-width and height are checked against the request's (the size is part of the stored metadata). The
-poster is decoded from the MP4 either way (what a viewer sees, whichever engine wrote it).
+Frames are encoded with PyAV (``tasks.engines.mp4``): H.264, yuv420p, faststart, so it plays in
+every browser. An engine that wrote the MP4 itself (FastVideo, through the same encoder) hands over
+its path, and the file is moved into place once its width and height are checked against the
+request's (the size is part of the stored metadata). The poster is decoded from the MP4 either way
+(what a viewer sees, whichever engine wrote it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.engines import RenderOutput
+from tasks.engines.mp4 import encode_mp4
 from tasks.errors import RenderError
 from tasks.keys import RenderSpec
 
@@ -82,24 +84,6 @@ def to_uint8_frames(frames: np.ndarray) -> np.ndarray:
     if frames.dtype == np.uint8:
         return np.ascontiguousarray(frames)
     return np.ascontiguousarray((np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8))
-
-
-def encode_mp4(frames: np.ndarray, fps: int, path: Path, crf: int = 18) -> Path:
-    """Write uint8 RGB frames (T, H, W, 3) to ``path`` as H.264/yuv420p; atomic via a temp name."""
-    import av
-
-    count, height, width, _ = frames.shape
-    tmp = Path(f"{path}.{os.getpid()}.part")
-    with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "fast"}
-        for index in range(count):
-            frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    os.replace(tmp, path)
-    return path
 
 
 def _video_size(video: Path) -> tuple[int, int]:
