@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory bench-memory-fastvideo
+.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory bench-memory-fastvideo gpu-bundle gpu-smoke gpu-smoke-cpu
 
 # The FastVideo engine on CPU (issue 3): its own venv, torch 2.14.1 + fastvideo 0.2.1 --no-deps + ray 2.60.0 (~6.8 GB).
 FV_VENV ?= .venv-fastvideo
@@ -56,3 +56,12 @@ bench-memory: $(STAMP)  ## worker memory over 300 renders (prints growth per ren
 
 bench-memory-fastvideo: $(FV_STAMP)  ## the same with ENGINE=fastvideo (its spawned worker's RSS included)
 	$(FV_VENV)/bin/python -m bench.memory --engine fastvideo
+
+gpu-bundle: $(STAMP)  ## here, with network: what gpu-smoke needs on a GPU machine without it, in .gpu-bundle/ (< 64 MiB with the source)
+	$(PY) -m bench.gpu_bundle
+
+gpu-smoke:  ## on a GPU machine: install .gpu-bundle/ offline, then the smoke check (Wan2.1-1.3B shapes; docs/gpu.md)
+	bash scripts/gpu-smoke.sh $(ARGS)
+
+gpu-smoke-cpu: $(FV_STAMP)  ## the same check on the CPU, on tiny shapes (CI runs it: tests/test_fastvideo_gpu_smoke.py)
+	PYTHON=$(FV_VENV)/bin/python BUNDLE=none bash scripts/gpu-smoke.sh --device cpu $(ARGS)

@@ -1,0 +1,63 @@
+"""``make gpu-smoke``'s CPU twin: the GPU smoke check runs end to end on tiny shapes (issue 13, part 7).
+
+The same script, on ``--device cpu``: a real redis-server, S3 endpoint and one real worker per row
+(diffusers, FastVideo mp with and without expandable segments, FastVideo ray), the direct calls, and
+the out-of-memory path with the address space of FastVideo's worker capped. Run in .venv-fastvideo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import fastvideo  # noqa: F401
+except ImportError:
+    pytest.skip("fastvideo is not installed in this venv: .venv-fastvideo runs this", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+RENDER_ROWS = ("diffusers", "fastvideo-mp", "fastvideo-mp-expandable", "fastvideo-ray")
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+def test_the_smoke_check_runs_every_row_on_the_cpu_and_prints_one_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "MINIO_", "MODEL_", "ENGINE"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_smoke", "--device", "cpu", "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {row["name"]: row for row in results["rows"]}
+    assert list(rows) == [*RENDER_ROWS, "out-of-memory"]
+
+    for name in RENDER_ROWS:  # each rendered through the queue, timed by stage, and called directly
+        row = rows[name]
+        assert row["ok"] and row["outcome"] == "rendered", row
+        assert row["load_s"] > 0 and row["stages"]["denoising"] > 0 and row["stages"]["uploading"] > 0
+        assert row["end_to_end_s"] >= row["stages"]["total"] > 0 and row["direct_s"] > 0
+        assert row["overhead_s"] == pytest.approx(row["end_to_end_s"] - row["direct_s"])
+        assert row["peak_memory_mb"] > 100 and row["memory_source"] == "rss"
+    # What the worker chose, and the operator's value winning; the start-up hand-over of FastVideo's mp executor.
+    assert rows["fastvideo-mp"]["allocator"] == "unset"
+    assert rows["fastvideo-mp-expandable"]["allocator"] == "expandable_segments:True (operator)"
+    assert rows["diffusers"]["allocator"] == "expandable_segments:True"
+    assert rows["fastvideo-mp"]["hand_over"] == "cpu tensor from a spawned process, through shared memory"
+
+    oom = rows["out-of-memory"]
+    assert oom["ok"], oom
+    assert "RenderOutOfMemory (out of memory twice on cpu rendering 512x512 x 65 frames (1 steps)" in oom["outcome"]
+    assert "1 more try" in oom["outcome"] and "without reload: yes" in oom["outcome"]
+    assert "redelivered: no" in oom["outcome"]
+
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table in done.stdout  # printed, as written
+    assert table.count("\n| ") == 1 + len(rows)  # one heading and a line per row
+    assert "Model: random weights, tiny-wan's shapes" in table and "Median queue overhead" in table
