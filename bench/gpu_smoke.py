@@ -88,7 +88,6 @@ class Row:
     hand_over: str = ""
     load_s: float | None = None
     stages: dict[str, float] = field(default_factory=dict)
-    steps: int | None = None
     end_to_end_s: float | None = None
     direct_s: float | None = None
     peak_memory_mb: float | None = None
@@ -207,6 +206,13 @@ def checkpoint(shapes: str, device: str, work: Path) -> tuple[str, float]:
     shutil.rmtree(partial, ignore_errors=True)
     build_checkpoint(partial, recipe, device=device)
     partial.rename(target)
+    if device == "cuda":  # the modules are gone with the build: give their memory back to the GPU
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
     return str(target), time.perf_counter() - started
 
 
@@ -239,7 +245,7 @@ def render_row(st: Stack, row: Row, request: dict[str, Any], direct: bool) -> No
     env = {**st.base_env, **ROWS[row.name]}
     if direct:  # first, so the worker's model and this process's are never in memory at once
         row.direct_s = direct_call(env, request, st.seed)
-    with worker(st, row, env) as proc:
+    with worker(st, row, env):
         send(request, st.seed())  # warm-up: kernels, allocator pools, first-use imports
         began = time.perf_counter()
         result = send(request, st.seed())
@@ -248,7 +254,6 @@ def render_row(st: Stack, row: Row, request: dict[str, Any], direct: bool) -> No
         row.ok, row.outcome = True, "rendered"
         if row.name.startswith("fastvideo-mp") and st.device == "cuda" and "cuda tensor" not in row.hand_over:
             row.ok, row.outcome = False, f"rendered, but the start-up check did not pass a CUDA tensor: {row.hand_over}"
-        del proc
 
 
 def out_of_memory(st: Stack, row: Row, request: dict[str, Any], oversized: dict[str, Any], args: Any) -> None:
