@@ -9,11 +9,11 @@ and the three libraries it links that such a machine may lack, into ``.gpu-bundl
 that the bundle and the project's tracked files together stay under 64 MiB (what a device call
 carries). ``scripts/gpu-smoke.sh`` installs it there with ``pip --no-index`` and runs the smoke.
 
-Two wheels are pruned (under their own names: pip checks a name against the metadata): botocore keeps the API
-models of the services moto's S3 endpoint loads (17 MB -> ~1.5 MB), moto keeps its core and
-those services (7 MB -> ~1 MB). Left out for want of room, and reported as not run on the GPU:
-ray (79 MB; FastVideo's Ray executor) and imageio-ffmpeg (68 MB; FastVideo writes its MP4s
-through imageio, which then uses PyAV).
+Two wheels are pruned (under their own names: pip checks a name against the metadata): botocore
+keeps the API models of the services moto's S3 endpoint loads (17 MB -> 1.2 MB), moto keeps its
+core and those services (7 MB -> ~1 MB). Left out for want of room: ray (79 MB; FastVideo's Ray
+executor, whose row then reports "not run"). imageio-ffmpeg (68 MB) is not needed: FastVideo's
+MP4s are written by the farm's own PyAV encoder (``tasks.engines.fastvideo_mp4``).
 """
 
 from __future__ import annotations
