@@ -192,7 +192,7 @@ def describe_machine(device: str) -> str:
 def checkpoint(shapes: str, device: str, work: Path) -> tuple[str, float]:
     """The checkpoint's directory (built once into ``work``, its modules made on ``device``) and the
     seconds the build took (0 if it was there)."""
-    from tasks.engines.tiny_wan import RECIPES, TINY_WAN_ID, WanRecipe, build_checkpoint
+    from tasks.engines.tiny_wan import RECIPES, TINY_WAN_ID, WanRecipe, ensure_built
 
     recipe_args = SHAPES[shapes][1]
     recipe = RECIPES[TINY_WAN_ID] if recipe_args is None else WanRecipe(**recipe_args)  # type: ignore[arg-type]
@@ -200,12 +200,7 @@ def checkpoint(shapes: str, device: str, work: Path) -> tuple[str, float]:
     if (target / "model_index.json").is_file():
         return str(target), 0.0
     started = time.perf_counter()
-    partial = work / f".{target.name}.part"
-    import shutil
-
-    shutil.rmtree(partial, ignore_errors=True)
-    build_checkpoint(partial, recipe, device=device)
-    partial.rename(target)
+    ensure_built(target, recipe, device=device)
     if device == "cuda":  # the modules are gone with the build: give their memory back to the GPU
         import gc
 

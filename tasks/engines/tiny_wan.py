@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TINY_WAN_ID", "TINY_TI2V_ID", "TINY_MODELS", "BUILD_VERSION", "RECIPES", "WanRecipe", "build_checkpoint",
-           "ensure_tiny_wan", "ensure_tiny_model", "tiny_wan_path", "tiny_model_path"]  # fmt: skip
+           "ensure_built", "ensure_tiny_wan", "ensure_tiny_model", "tiny_wan_path", "tiny_model_path"]  # fmt: skip
 
 TINY_WAN_ID = "tiny-wan"
 TINY_TI2V_ID = "tiny-wan-ti2v"
@@ -60,18 +60,22 @@ def ensure_tiny_wan(cache_dir: Path) -> Path:
 
 
 def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
-    """Return the checkpoint directory of ``model_id``, building it first if it is not cached yet.
+    """Return the checkpoint directory of ``model_id``, building it first if it is not cached yet."""
+    return ensure_built(tiny_model_path(model_id, cache_dir), RECIPES[model_id])
+
+
+def ensure_built(target: Path, recipe: WanRecipe, device: str = "cpu") -> Path:
+    """Return ``target``, building ``recipe`` there first if it holds no checkpoint yet.
 
     Safe against concurrent builders: each builds in a private temporary directory and the
     first atomic rename wins.
     """
-    target = tiny_model_path(model_id, cache_dir)
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}-build-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
-        build_checkpoint(tmp, RECIPES[model_id])
+        build_checkpoint(tmp, recipe, device=device)
         try:
             os.rename(tmp, target)
         except OSError:
