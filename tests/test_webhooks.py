@@ -7,6 +7,8 @@ import hmac
 import ipaddress
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +19,8 @@ from tasks.errors import InvalidRequest
 from tasks.keys import object_key, resolve
 from tasks.schemas import Limits, parse_request
 from tasks.webhook import WebhookPolicy, check_url, verify
-from tests.support import free_port, wait_for, watch_events
+from tests.support import ROOT, TestWorker, free_port, wait_for, watch_events
+from tests.test_monitoring import scrape, value
 
 SECRET = "test-webhook-secret"
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 1}
@@ -64,6 +67,11 @@ def receiver():
     yield make
     for r in made:
         r.close()
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "renderfarm.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
 
 
 def send(producer, kwargs: dict):
@@ -258,18 +266,106 @@ def test_webhooks_are_refused_without_a_secret():
         check_url("https://hooks.example.com/x", WebhookPolicy.parse("*.example.org", "s"), resolve=False)
 
 
-def test_a_separate_webhook_queue_is_served_by_a_light_threads_worker(start_worker, producer, receiver):
+# docs/monitoring.md's webhook worker, exactly as written there, and README's render worker command.
+WEBHOOK_WORKER = ["-m", "celery", "-A", "tasks", "worker", "-Q", "webhooks", "--pool=threads", "--concurrency=8",
+                  "-n", "webhooks@%h"]  # fmt: skip
+RENDER_WORKER = ["-m", "renderfarm.cli", "worker"]
+
+
+def documented_worker(tmp_path, env: dict[str, str], name: str, argv: list[str]) -> TestWorker:
+    """A worker started by its documented command line (``name`` is its node name before '@')."""
+    return TestWorker(name, env, tmp_path / f"{name}.log", command=[sys.executable, *argv])
+
+
+def answers(producer, worker: TestWorker) -> bool:
+    """The worker answers a ping (the webhook worker logs at WARNING: no "ready" line to wait for)."""
+    if worker.proc.poll() is not None:
+        raise RuntimeError(f"worker {worker.name} exited with {worker.proc.returncode}:\n{worker.log[-3000:]}")
+    return bool(producer.control.ping(destination=[worker.hostname], timeout=0.5))
+
+
+def consumed(producer, worker: TestWorker) -> list[str]:
+    """The queues ``worker`` consumes now, as Celery reports them (what Flower's worker page shows)."""
+    replies = producer.control.inspect(destination=[worker.hostname], timeout=2).active_queues() or {}
+    return sorted(q["name"] for q in replies.get(worker.hostname, []))
+
+
+def test_the_documented_webhook_worker_takes_no_render_and_delivers(worker_env, producer, receiver, tmp_path):
+    """issue 25.1: it used to consume `render` and `render.<model>` too and failed renders with EngineNotReady."""
     hook = receiver()
-    env = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
-    renderer = start_worker(**env)
-    notifier = start_worker(wait=False, args=("-Q", "webhooks", "--pool=threads", "--concurrency=4"), **env)
-    wait_for(lambda: " ready." in notifier.log, 60, "the webhook worker")
-    result = send(producer, {"prompt": "elsewhere", "webhook_url": hook.url, **SMALL})
-    result.get(timeout=60)
-    wait_for(lambda: hook.deliveries, 30, "the webhook")
-    assert check_signature(*hook.deliveries[0])["event"] == "render.succeeded"
-    assert "tasks.deliver_webhook[" in notifier.log and "engine loaded" not in notifier.log  # no model there
-    assert "deliver_webhook[" not in renderer.log
+    env = {**worker_env, "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
+    renderer = documented_worker(tmp_path, env, "render-tiny-wan", RENDER_WORKER)  # its default name
+    notifier = documented_worker(tmp_path, env, "webhooks", WEBHOOK_WORKER)
+    received: list[dict] = []
+    try:
+        wait_for(lambda: answers(producer, notifier), 60, "the webhook worker to answer")
+        renderer.wait_ready()
+        assert consumed(producer, notifier) == ["webhooks"]
+        assert consumed(producer, renderer) == ["render", "render.tiny-wan", "webhooks"]
+        with watch_events(producer, {"task-received": received.append}):
+            sent = [send(producer, {"prompt": f"hooked {n}", "seed": n, "webhook_url": hook.url, **SMALL})
+                    for n in range(10)]  # fmt: skip
+            values = [result.get(timeout=120) for result in sent]
+            assert [producer.AsyncResult(r.id).state for r in sent] == ["SUCCESS"] * 10
+            wait_for(lambda: len(hook.deliveries) >= 10, 60, "every delivery")
+        payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
+        assert sorted(p["delivery_id"] for p in payloads) == sorted(f"{r.id}:render.succeeded" for r in sent)
+        assert {p["task_id"]: p["result"]["key"] for p in payloads} == {
+            r.id: v["key"] for r, v in zip(sent, values, strict=True)
+        }
+        # Who received what, from the workers' own events: every render by the render worker, none by the other.
+        renders = [e["hostname"] for e in received if e.get("name") == "tasks.render"]
+        assert renders == [renderer.hostname] * 10, renders
+        assert consumed(producer, notifier) == ["webhooks"]
+        listed = {w["worker"]: w for w in json.loads(cli(env, "workers", "--json").stdout)}
+        assert (listed[notifier.hostname]["queues"], listed[notifier.hostname]["renders"]) == (["webhooks"], False)
+        assert listed[notifier.hostname]["model"] is None and listed[renderer.hostname]["model"] == "tiny-wan"
+        assert listed[renderer.hostname]["queues"] == ["render", "render.tiny-wan", "webhooks"]
+    finally:
+        notifier.stop()
+        renderer.stop()
+    assert "tasks.render" not in notifier.log and "engine" not in notifier.log, notifier.log[-3000:]
+
+
+def test_a_render_that_reaches_a_worker_without_an_engine_is_given_back_once_and_rendered_elsewhere(
+    worker_env, producer, receiver, redis_server, tmp_path
+):
+    """Defence in depth: a render queue added to the webhook worker at run time (Flower's "add consumer")."""
+    hook = receiver()
+    metrics = free_port()
+    env = {**worker_env, "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
+    notifier = documented_worker(tmp_path, {**env, "METRICS_PORT": str(metrics)}, "webhooks", WEBHOOK_WORKER)
+    renderer = None
+    received: list[dict] = []
+    try:
+        wait_for(lambda: answers(producer, notifier), 60, "the webhook worker to answer")
+        producer.control.add_consumer("render", destination=[notifier.hostname], reply=True)
+        wait_for(lambda: consumed(producer, notifier) == ["render", "webhooks"], 30, "the added consumer")
+        with watch_events(producer, {"task-received": received.append, "task-rejected": received.append}):
+            result = send(producer, {"prompt": "strayed", "seed": 3, "webhook_url": hook.url, **SMALL})
+            # Given back, not failed: waiting in its queue again, and the worker stopped taking renders.
+            wait_for(lambda: consumed(producer, notifier) == ["webhooks"], 60, "the worker to stop consuming render")
+            wait_for(lambda: redis_server.client.llen("render") == 1, 30, "the render back in its queue")
+            assert result.state == "PENDING"
+            samples = scrape(metrics)
+            assert value(samples, "renderfarm_renders_requeued_total", queue="render", reason="no_engine") == 1
+            assert value(samples, "renderfarm_renders_total") == 0  # no render outcome counted there
+            # A render worker starts: the same render is rendered there, once, and its webhook delivered.
+            renderer = documented_worker(tmp_path, env, "render-tiny-wan", RENDER_WORKER).wait_ready()
+            assert result.get(timeout=120)["worker"] == renderer.hostname
+            wait_for(lambda: hook.deliveries, 60, "the delivery")
+        assert check_signature(*hook.deliveries[0])["event"] == "render.succeeded" and len(hook.deliveries) == 1
+        seen = [(e["type"], e["hostname"]) for e in received if e.get("uuid") == result.id]
+        assert seen == [("task-received", notifier.hostname), ("task-rejected", notifier.hostname),
+                        ("task-received", renderer.hostname)], seen  # fmt: skip
+        assert value(scrape(metrics), "renderfarm_renders_requeued_total") == 1  # it did not come back there
+    finally:
+        notifier.stop()
+        if renderer is not None:
+            renderer.stop()
+    assert "no engine is loaded in this process: it is not a render worker" in notifier.log
+    assert "webhooks@" in notifier.log and "stops consuming render" in notifier.log
+    assert "EngineNotReady" not in notifier.log
 
 
 def test_buffer_mode_posts_once_the_background_upload_stored_the_video(start_worker, producer, receiver):

@@ -7,13 +7,19 @@ memory they held back to the OS here (``tasks.worker.memory``). Receivers get ``
 ``WORKER_MODE=buffer`` the task hands the upload to a background thread and returns (Celery sends
 no ``task_success``); the thread sends this once the object is stored and the result written.
 Receivers get ``task_id``, ``kwargs`` (the request) and ``result`` (the result object).
+
+``render_given_back``: a render reached a process with no engine and is given back to its queue
+untouched (``tasks.pipeline.stray``). The worker counts it (``tasks.worker.metrics``) and stops
+consuming render queues (``tasks.worker.queues``). Receivers get ``sender`` (the task), ``queue``
+(the queue it came from) and ``reason`` (``no_engine``).
 """
 
 from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["render_encoded", "render_stored"]
+__all__ = ["render_encoded", "render_given_back", "render_stored"]
 
 render_encoded = Signal(name="render_encoded")
 render_stored = Signal(name="render_stored")
+render_given_back = Signal(name="render_given_back")

@@ -1,6 +1,7 @@
 """The body of ``tasks.render``: the stages, in the order they run.
 
-``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render goes
+``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render that
+reaches a process with no engine is given back to its queue untouched (``stray``). A render goes
 through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often? done elsewhere?), ``s3_lookup``
 (stored already? in the spool from an earlier attempt?), ``s4_generate`` (the engine), ``s5_encode``
 (the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background
@@ -18,6 +19,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
+from tasks.engines.holder import ENGINE
 from tasks.errors import RenderTimeout
 from tasks.images import ConditioningImage
 from tasks.pipeline import resources
@@ -32,6 +34,7 @@ from tasks.pipeline.s5_encode import encode, video_metadata, write_previews
 from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
+from tasks.pipeline.stray import give_back
 from tasks.schemas import RenderRequest
 from worker_config.settings import get_settings
 
@@ -42,6 +45,8 @@ log = get_task_logger("tasks.render")  # the task's name: every line of a render
 
 def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Render one request; return the result object (see ``RenderResult``)."""
+    if not ENGINE.ready:
+        give_back(task)  # not a render worker's process: back to the queue, never failed
     clock = StageClock(task)
     try:
         return _stages(task, clock, args, kwargs)

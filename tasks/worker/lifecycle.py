@@ -13,7 +13,8 @@
   self-check prints its banner and picks the engine, falling back where FastVideo's mp executor
   cannot run (``tasks.worker.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
   owner, ``tasks.engines.holder``). If any of it fails, the process prints a diagnosis and stops
-  the whole worker (exit code 1): it never takes tasks it cannot run.
+  the whole worker (exit code 1): it never takes tasks it cannot run. A worker that is not a render
+  worker (``tasks.worker.queues``: e.g. ``-Q webhooks``) loads no engine.
 - ``worker_process_shutdown``: queued background uploads finish, then the engine is released.
 """
 
@@ -36,7 +37,7 @@ from tasks.pipeline import resources
 from tasks.pipeline.render import run
 from tasks.pipeline.s7_upload import UPLOADER
 from tasks.render import use_pipeline
-from tasks.worker import selfcheck
+from tasks.worker import queues, selfcheck
 from tasks.worker.allocator import cuda_allocator, keep_freed_memory
 from tasks.worker.mp_in_pool import allow_children_in_pool_process
 from worker_config.settings import get_settings
@@ -107,6 +108,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 def _on_process_init(**_: Any) -> None:
+    if not queues.serves_renders():
+        log.info("no engine in pid %d: this worker consumes no render queue", os.getpid())
+        return
     try:
         allow_children_in_pool_process()
         settings = get_settings()

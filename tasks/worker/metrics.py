@@ -15,6 +15,9 @@ Recorded from Celery signals only (the task itself knows nothing of metrics):
   outcome is success, cached, invalid, timeout, cancelled, storage, delivery_limit, out_of_memory
   or error.
 - ``renderfarm_render_retries_total{reason}``: renders sent back to the queue to try again.
+- ``renderfarm_renders_requeued_total{queue,reason}``: renders given back to their queue untouched
+  by a process with no engine (``reason="no_engine"``, ``tasks.pipeline.stray``): never a failure,
+  but a worker consumed a render queue it cannot serve.
 - ``renderfarm_render_peak_memory_bytes{source}``: the last render's peak (``cuda`` or ``rss``).
 - ``renderfarm_model_load_seconds{model,engine}`` histogram: one sample per pool child's load.
 - ``renderfarm_webhook_deliveries_total{outcome}``: delivered, retried, failed.
@@ -34,7 +37,8 @@ from typing import Any
 from celery import signals
 
 from tasks.engines.holder import ENGINE
-from tasks.pipeline.events import render_stored
+from tasks.pipeline.events import render_given_back, render_stored
+from tasks.worker.queues import serves_renders
 from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
 from worker_config.routing import RENDER_TASK
@@ -55,7 +59,7 @@ _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 class _Metrics:
     """The metric objects; created once in the main process, inherited by every forked pool child."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, renders: bool = True) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.model = model  # every render series carries the worker's model (MODEL_ID)
@@ -85,8 +89,13 @@ class _Metrics:
             "renderfarm_model_load_seconds", "Seconds to load the model in a pool process", ["model", "engine"],
             buckets=_LOAD_BUCKETS,
         )  # fmt: skip
+        self.requeued = Counter(
+            "renderfarm_renders_requeued",
+            "Renders given back to their queue untouched by a process that cannot run them (no_engine)",
+            ["queue", "reason"],
+        )
         self.webhooks = Counter("renderfarm_webhook_deliveries", "Webhook delivery attempts, by outcome", ["outcome"])
-        for outcome in OUTCOMES:  # every series exists from the first scrape, at 0
+        for outcome in OUTCOMES if renders else ():  # a render worker's series exist from the first scrape, at 0
             self.renders.labels(model, outcome)
 
 
@@ -137,7 +146,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
     if values.ValueClass is values.MutexValue:  # imported earlier without the directory set
         values.ValueClass = values.MultiProcessValue()
-    _M = _Metrics(settings.MODEL_ID)
+    _M = _Metrics(settings.MODEL_ID, renders=serves_renders())  # after tasks.worker.queues decided it
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=_DIR)
     conf = sender.app.conf
@@ -283,7 +292,15 @@ def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
         _M.retries.labels(_M.model, outcome_of(reason if isinstance(reason, BaseException) else None)).inc()
 
 
+def _on_given_back(sender: Any = None, queue: str | None = None, reason: str | None = None, **_: Any) -> None:
+    if _M is not None:
+        _M.requeued.labels(queue or "?", reason or "?").inc()
+
+
 def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+    if state == "REJECTED":  # given back to its queue (tasks.pipeline.stray): no outcome, it runs elsewhere
+        _elapsed(task_id)
+        return
     # A render cancelled while running ends with Ignore after marking itself REVOKED.
     if _M is None or _task_name(sender) != RENDER_TASK or state != "IGNORED" or not task_id:
         return
@@ -309,6 +326,7 @@ def install(app: Any) -> None:
     signals.task_prerun.connect(_on_prerun, weak=False)
     signals.task_success.connect(_on_success, weak=False)
     render_stored.connect(_on_render_stored, weak=False)
+    render_given_back.connect(_on_given_back, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
     signals.task_retry.connect(_on_retry, weak=False)
     signals.task_postrun.connect(_on_postrun, weak=False)
