@@ -505,7 +505,7 @@ EXAMPLE_VALUES = {"FASTVIDEO_ATTENTION_BACKEND", "FASTVIDEO_VSA_SPARSITY"}
 
 
 def test_env_example_shows_the_defaults_of_the_code():
-    """".env.example: Lines starting with `# NAME=` show the default" (METRICS_ADDR showed 0.0.0.0, issue 25.8)."""
+    """ ".env.example: Lines starting with `# NAME=` show the default" (METRICS_ADDR showed 0.0.0.0, issue 25.8)."""
     for line in ENV_EXAMPLE.read_text().splitlines():
         m = re.fullmatch(r"# ([A-Z][A-Z0-9_]*)=(.*)", line)
         if not m or m[1] not in SETTINGS or m[1] in EXAMPLE_VALUES:

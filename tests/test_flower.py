@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,10 @@ def test_flower_sends_shows_and_cancels_renders_behind_basic_auth(
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": flower.auth}})
     page(browser, flower.base + "/workers", worker.hostname)  # the dashboard lists the worker
+    # Its page's Queues tab shows what it consumes (Celery's active_queues): renderfarm workers shows the same.
+    page(browser, f"{flower.base}/worker/{worker.hostname}", worker.hostname)
+    shown = re.search(r'<tbody id="worker-queues">(.*?)</tbody>', browser.page_source, re.S)
+    assert shown and re.findall(r"<td>(render[^<]*)</td>", shown[1]) == ["render", "render.tiny-wan"], shown
     finished = page(browser, f"{flower.base}/task/{sent['task-id']}", "SUCCESS")
     assert done["result"]["key"] in finished  # its page shows the result
     cancelled = page(browser, f"{flower.base}/task/{running.id}", "REVOKED")

@@ -368,6 +368,25 @@ def test_a_render_that_reaches_a_worker_without_an_engine_is_given_back_once_and
     assert "EngineNotReady" not in notifier.log
 
 
+def test_a_render_that_keeps_coming_back_to_one_process_waits_longer_each_time():
+    """Should a worker without an engine go on taking one render, it is not a hot loop (tasks/pipeline/stray.py)."""
+    from tasks.pipeline.stray import MAX_WAIT_S, wait_before_giving_back
+
+    assert [wait_before_giving_back("back-again") for _ in range(8)] == [0, 1, 2, 4, 8, 16, MAX_WAIT_S, MAX_WAIT_S]
+    assert wait_before_giving_back("another") == 0  # each render its own count: the first return is immediate
+
+
+def test_a_worker_whose_pool_cannot_load_an_engine_refuses_render_queues(worker_env):
+    """A threads worker with `-Q render`, or with no -Q (Celery's default queue is `render`), would fail renders."""
+    for queues in (["-Q", "render,webhooks"], []):
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=threads", *queues, "-n", "t@%h"],
+            cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, (queues, done.stderr[-2000:])
+        assert "FATAL: a --pool=threads worker cannot render" in done.stderr and "-Q webhooks" in done.stderr
+
+
 def test_buffer_mode_posts_once_the_background_upload_stored_the_video(start_worker, producer, receiver):
     hook = receiver()
     webhook_worker(start_worker, WORKER_MODE="buffer")

@@ -47,15 +47,27 @@ def serves_renders() -> bool:
 
 
 def _pool_name(pool: Any) -> str:
+    """The ``--pool`` name of a pool class (or name), without importing the other pools (eventlet, gevent)."""
     implementation = get_implementation(pool)
-    for alias in ALIASES:
-        if get_implementation(alias) is implementation:
-            return alias
-    return f"{implementation.__module__}.{implementation.__name__}"
+    path = f"{implementation.__module__}:{implementation.__name__}"
+    return next((alias for alias, where in ALIASES.items() if where == path), path)
 
 
 def select_queues(sender: Any = None, **_: Any) -> None:
-    """``worker_init``: ``sender`` is the WorkController; its queues are Celery's from ``-Q``."""
+    """``worker_init``: ``sender`` is the WorkController; its queues are Celery's from ``-Q``.
+
+    Celery logs and ignores an exception in a signal handler: here one stops the worker instead, as
+    a worker left on Celery's queues could take renders it cannot run.
+    """
+    try:
+        _select_queues(sender)
+    except Exception as exc:  # any failure here is fatal, loudly
+        print(f"renderfarm worker: FATAL: cannot choose its queues: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        raise SystemExit(1) from exc
+
+
+def _select_queues(sender: Any) -> None:
     global _RENDERS
     queues = sender.app.amqp.queues
     named = list(queues.consume_from)  # -Q, or without it the default queue `render`
