@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from celery import Celery
+from celery import Celery, signals
 
 # pytest-celery (the dev extra) enables celery.contrib.pytest's fixtures: `celery_app` (an app built
 # from `celery_config`), `celery_worker` (a real Celery worker in a thread of this process, on the
@@ -140,7 +140,9 @@ def celery_worker_parameters() -> dict:
 
 
 @pytest.fixture
-def in_process_worker(request: pytest.FixtureRequest, celery_app: Celery, redis_server: RedisServer):
+def in_process_worker(
+    request: pytest.FixtureRequest, celery_app: Celery, redis_server: RedisServer
+) -> Iterator[Callable[[dict[str, Callable[..., object]]], object]]:
     """``start({name: body})``: register ``body(self, **kwargs)`` as task ``name`` on ``celery_app`` and start
     ``celery_worker`` (a real Celery worker in a thread of this process) on an empty Redis; the worker.
 
@@ -149,6 +151,12 @@ def in_process_worker(request: pytest.FixtureRequest, celery_app: Celery, redis_
     shared tasks (``@app.task``), so every app has them: a body given here replaces that one.
     """
     redis_server.client.flushall()
+    backends = [celery_app.backend]  # the app's backends are per thread: this one and the worker thread's
+
+    def worker_backend(sender: object = None, **_: object) -> None:
+        backend = sender.app.backend  # type: ignore[attr-defined]
+        if all(backend is not b for b in backends):
+            backends.append(backend)
 
     def start(bodies: dict[str, Callable[..., object]]) -> object:
         for name, body in bodies.items():
@@ -156,7 +164,19 @@ def in_process_worker(request: pytest.FixtureRequest, celery_app: Celery, redis_
             celery_app.task(name=name, bind=True)(body)
         return request.getfixturevalue("celery_worker")  # after the tasks: it knows them when it starts
 
-    return start
+    signals.task_postrun.connect(worker_backend, weak=False)
+    try:
+        yield start
+    finally:
+        signals.task_postrun.disconnect(worker_backend)
+        # The worker has stopped. A task it retried subscribed its thread's backend to the retry's result
+        # (a real worker process never does); those subscriptions go here with their connection, or the
+        # garbage collector would reconnect to unsubscribe and leave that socket open.
+        for backend in backends:
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None:
+                consumer.subscribed_to.clear()
+                consumer.stop()
 
 
 @pytest.fixture

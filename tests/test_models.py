@@ -135,7 +135,7 @@ def test_each_kind_of_producer_reaches_the_queue_docs_name(in_process_worker, re
             (bare, {"prompt": "x"}, {"queue": "render"}, "render"),
         ]
         sent = [(app.send_task("tasks.render", kwargs=kwargs, **options), want) for app, kwargs, options, want in cases]
-        assert [result.get(timeout=30) for result, _ in sent] == [want for _, want in sent]
+        assert [result.get(timeout=60) for result, _ in sent] == [want for _, want in sent]
         assert other_queue == "render.acme-wan-other"
     finally:
         for app in (farm, unaware, bare):

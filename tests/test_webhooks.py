@@ -6,17 +6,22 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import re
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tasks.errors import InvalidRequest
 from tasks.keys import object_key, resolve
+
+# Imported before any in-process app exists: tasks.deliver_webhook is a shared task, so each such app has it.
+from tasks.pipeline.webhook_delivery import WebhookFailed, WebhookRejected
 from tasks.schemas import Limits, parse_request
 from tasks.webhook import WebhookPolicy, check_url, verify
 from tests.support import ROOT, TestWorker, free_port, wait_for, watch_events
@@ -117,18 +122,6 @@ def test_success_posts_the_signed_result_and_the_url_does_not_change_the_key(sta
     assert len(hook.deliveries) == 1
 
 
-def test_a_failing_receiver_is_retried_with_backoff_until_it_accepts(start_worker, producer, receiver):
-    hook = receiver(fail=2)
-    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
-    result = send(producer, {"prompt": "retry me", "webhook_url": hook.url, **SMALL})
-    result.get(timeout=60)
-    wait_for(lambda: "webhook render.succeeded delivered to" in worker.log, 60, "the delivery to succeed")
-    assert len(hook.deliveries) == 3  # two 503s, then accepted: the delivery ended, no more
-    payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
-    assert [h["x-renderfarm-attempt"] for h, _ in hook.deliveries] == ["1", "2", "3"]
-    assert {p["delivery_id"] for p in payloads} == {f"{result.id}:render.succeeded"}
-
-
 def test_a_failed_render_posts_its_error(start_worker, producer, receiver):
     hook = receiver()
     webhook_worker(start_worker)
@@ -190,6 +183,7 @@ def test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_n
     # Nor do the states stored in Redis (the render's and each delivery's): no task's arguments are kept there.
     stored = [redis_server.client.get(key) for key in redis_server.client.keys("celery-task-meta-*")]
     assert len(stored) >= 2 and not any(token.encode() in value for value in stored)
+    assert producer.AsyncResult(result.id).state == "SUCCESS"  # the delivery failed, the render's outcome stands
 
 
 def limits(allowed: str, secret: str | None = SECRET) -> Limits:
@@ -398,25 +392,75 @@ def test_buffer_mode_posts_once_the_background_upload_stored_the_video(start_wor
     assert "uploading" in payload["result"]["timings"]  # sent after the upload, not at hand-over
 
 
-def test_each_answer_of_a_receiver_ends_or_retries_the_delivery_as_documented(start_worker, producer, receiver):
-    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
+# ------------------------------------------------------------------------------------------------
+# The delivery policy itself: tasks.deliver_webhook as declared, run by a Celery worker in this process
+# (pytest-celery's celery_worker) on the real Redis, against real receivers. No render is needed for it.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deliver(in_process_worker, producer):
+    """``deliver(url)``: queue one ``render.succeeded`` delivery as a render worker does (``s9_notify``: top
+    priority, the webhook queue, here ``render``); its AsyncResult. The task is this project's own (its
+    declaration's retry policy, its body), with the signing secret and allow-list from this process's
+    environment."""
+    from tasks.pipeline.s9_notify import event_payload
+    from worker_config.settings import get_settings
+
+    saved = {name: os.environ.get(name) for name in ("WEBHOOK_SECRET", "WEBHOOK_ALLOWED_HOSTS")}
+    os.environ.update(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="127.0.0.1:*")
+    get_settings.cache_clear()
+    try:
+        worker = in_process_worker({})  # deliver_webhook is a shared task: the in-process app has it
+        task = worker.app.tasks["tasks.deliver_webhook"]
+
+        def send_delivery(url: str, max_retries: int | None = None):
+            if max_retries is not None:
+                task.max_retries = max_retries  # this app's copy of the task only
+            payload = event_payload(str(uuid.uuid4()), "render.succeeded", result={"key": "renders/x.mp4"})
+            return producer.send_task(task.name, kwargs={"url": url, "payload": payload}, queue="render", priority=0)
+
+        yield send_delivery
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
+
+
+def test_a_failing_receiver_is_retried_with_backoff_until_it_accepts(deliver, receiver):
+    hook = receiver(fail=2)
+    assert deliver(hook.url).get(timeout=60) == {"status": 200, "attempts": 3}  # two 503s, then accepted: no more
+    assert len(hook.deliveries) == 3
+    payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
+    assert [h["x-renderfarm-attempt"] for h, _ in hook.deliveries] == ["1", "2", "3"]
+    assert len({p["delivery_id"] for p in payloads}) == 1  # receivers deduplicate on it
+
+
+def test_each_answer_of_a_receiver_ends_or_retries_the_delivery_as_documented(deliver, receiver):
     retried = {code: receiver(fail=1, fail_status=code) for code in (408, 425, 429, 500)}  # then 200
     final = {code: receiver(status=code) for code in (301, 400, 404, 410)}  # said no: never again
-    for hook in [*retried.values(), *final.values()]:
-        send(producer, {"prompt": "answers", "webhook_url": hook.url, **SMALL}).get(timeout=60)
-    wait_for(lambda: all(len(h.deliveries) == 2 for h in retried.values()), 90, "each retried delivery's 2nd try")
-    wait_for(lambda: worker.log.count("refused the delivery") == len(final), 60, "each refusal")
-    send(producer, {"prompt": "barrier", **SMALL}).get(timeout=60)  # deliveries run before the next render
-    assert {code: len(h.deliveries) for code, h in final.items()} == dict.fromkeys(final, 1)
+    sent = {code: deliver(hook.url) for code, hook in [*retried.items(), *final.items()]}
+    for code in retried:
+        assert sent[code].get(timeout=60) == {"status": 200, "attempts": 2}, code
     for code in final:
-        assert f"refused the delivery: HTTP {code} (not retried)" in worker.log
+        with pytest.raises(WebhookRejected, match=rf"refused the delivery: HTTP {code} \(not retried\)"):
+            sent[code].get(timeout=60)
+    assert {code: len(hook.deliveries) for code, hook in [*retried.items(), *final.items()]} == {
+        **dict.fromkeys(retried, 2),
+        **dict.fromkeys(final, 1),
+    }
 
 
-def test_a_receiver_down_until_the_retries_run_out_fails_the_delivery_not_the_render(start_worker, producer):
+def test_a_receiver_down_until_the_retries_run_out_fails_the_delivery(deliver, receiver):
     down = f"http://127.0.0.1:{free_port()}/hooks/render"  # nothing listens there
-    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1", WEBHOOK_MAX_RETRIES="2")
-    result = send(producer, {"prompt": "nobody listens", "webhook_url": down, **SMALL})
-    assert result.get(timeout=60)["key"]  # the render's own outcome stands
-    wait_for(lambda: "raised unexpected: WebhookFailed" in worker.log, 90, "the delivery to give up")
-    assert worker.log.count("Retry in") == 2 and "unreachable" in worker.log
-    assert producer.AsyncResult(result.id).state == "SUCCESS"
+    with pytest.raises(WebhookFailed, match="unreachable"):
+        deliver(down, max_retries=2).get(timeout=60)
+    failing = receiver(fail=99)  # answers 503 every time
+    with pytest.raises(WebhookFailed, match="answered HTTP 503"):
+        deliver(failing.url, max_retries=2).get(timeout=60)
+    # 1 + 2 retries, then the delivery failed; a render's own outcome stands (a real render and worker:
+    # test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_never_shows).
+    assert len(failing.deliveries) == 3
