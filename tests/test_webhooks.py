@@ -456,11 +456,12 @@ def test_each_answer_of_a_receiver_ends_or_retries_the_delivery_as_documented(de
 
 def test_a_receiver_down_until_the_retries_run_out_fails_the_delivery(deliver, receiver):
     down = f"http://127.0.0.1:{free_port()}/hooks/render"  # nothing listens there
-    with pytest.raises(WebhookFailed, match="unreachable"):
-        deliver(down, max_retries=2).get(timeout=60)
     failing = receiver(fail=99)  # answers 503 every time
+    unreachable, refused = deliver(down, max_retries=2), deliver(failing.url, max_retries=2)
+    with pytest.raises(WebhookFailed, match="unreachable"):
+        unreachable.get(timeout=60)
     with pytest.raises(WebhookFailed, match="answered HTTP 503"):
-        deliver(failing.url, max_retries=2).get(timeout=60)
+        refused.get(timeout=60)
     # 1 + 2 retries, then the delivery failed; a render's own outcome stands (a real render and worker:
     # test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_never_shows).
     assert len(failing.deliveries) == 3
