@@ -275,34 +275,34 @@ def api(
 ) -> None:
     """Serve the OpenAI-compatible videos API (/v1/videos) in front of the queue (API_KEYS_FILE required)."""
     try:
-        import uvicorn
-
         from renderfarm.api.app import create_app
+        from renderfarm.api.server import serve
         from renderfarm.api.settings import get_api_settings
     except ImportError as exc:
         _fail(f"the API needs its extra: pip install 'renderfarm[api]' ({exc})")
     try:
-        application = create_app(get_api_settings())
+        settings = get_api_settings()
+        application = create_app(settings)
     except ValueError as exc:  # invalid settings (SettingsError) or keys file
         _fail(str(exc), 2)
     import logging
 
     # One line per request (request id, method, path, status, time) from renderfarm.api; never a key.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
+    serve(application, settings, host, port)
 
 
 @app.command()
 def api_key(name: Annotated[str, typer.Argument(help="Who the key is for (owns the videos it creates).")]) -> None:
-    """Print a new API key and the line to add to API_KEYS_FILE (only the key's hash is stored)."""
+    """Make a new API key: the key on the terminal (stderr, shown once), its line for API_KEYS_FILE on
+    stdout, so `renderfarm api-key NAME >> api-keys` appends the line (only the key's hash is stored)."""
     from renderfarm.api.keys import new_key
 
     if not name.replace("-", "").replace("_", "").isalnum():
         _fail(f"name {name!r}: use letters, digits, - and _")
     key, line = new_key(name)
-    console.print(f"key for {name} (shown once; give it to the client):")
-    typer.echo(key)
-    console.print(f"add this line to API_KEYS_FILE:\n{line}")
+    console.print(f"key for {name} (shown once; give it to the client): {key}", soft_wrap=True, highlight=False)
+    typer.echo(line)
 
 
 @app.command()

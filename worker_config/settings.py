@@ -62,6 +62,10 @@ class BrokerSettings(BaseSettings):
     # gateway, `renderfarm upload-image`) check the same limits first.
     MAX_IMAGE_BYTES: int = Field(10 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     MAX_IMAGE_PIXELS: int = Field(6000 * 6000, ge=16 * 16, le=100_000_000)
+    # Request limits: a prompt's characters, and width x height x frames. Workers check them; the
+    # HTTP gateway checks the same first, so that a request it accepts is not refused by a worker.
+    MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
+    MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
 
     @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "DEFAULT_MODEL", mode="before")
     @classmethod
@@ -188,10 +192,6 @@ class Settings(BrokerSettings):
     # (0 = kept for ever); results never outlive them (result_expires_s).
     RENDER_RETENTION_DAYS: int = Field(0, ge=0, le=36500)
     MAX_DELIVERIES: int = Field(3, ge=1, le=20)
-
-    # Request limits.
-    MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
-    MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
 
     # --- Operator and producer experience (issue 6): metrics, logs, webhooks ----------------------
     # Prometheus metrics served by the worker's main process on this port (0 = off); each worker
