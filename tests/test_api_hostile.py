@@ -195,7 +195,8 @@ def test_a_url_as_input_reference_names_what_the_gateway_takes(gateway: Gateway)
 def test_slow_and_greedy_connections_are_cut_off(gateway: Gateway):
     """Half a request's headers, or none: 408 and closed (API_HEADER_TIMEOUT_S). Eight creates that
     each send 16 MiB minus one byte and stall: 408 each, closed, and the memory they took given back
-    (API_BODY_TIMEOUT_S). Over API_MAX_CONNECTIONS open connections: 503 with Retry-After."""
+    (API_BODY_TIMEOUT_S). A client gone mid-body: logged, no traceback. Over API_MAX_CONNECTIONS open
+    connections: 503 with Retry-After."""
     start = len(gateway.log_text())
     halves = [gateway.socket() for _ in range(2)]  # both deadlines run while the bodies below are sent
     halves[0].sendall(b"GET /v1/videos HTTP/1.1\r\nHost: t\r\nAuthorization: Bea")
@@ -228,6 +229,12 @@ def test_slow_and_greedy_connections_are_cut_off(gateway: Gateway):
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         assert b"connection: close" in answer.lower()
     wait_for(lambda: process.memory_info().rss - before < 32 * MIB, 30, "the bodies' memory to be given back")
+
+    gone = gateway.socket()  # half a body, then the client goes away: no answer to give, no error of the gateway's
+    gone.sendall(head.replace(str(16 * MIB).encode(), b"1000") + b'{"prompt": ')
+    gone.close()
+    wait_for(lambda: "the client closed the connection before its request was read" in gateway.log_text()[start:], 10,
+             "the gateway to note the client went away")  # fmt: skip
 
     idle = [gateway.socket() for _ in range(16)]  # the cap, held open by connections that send nothing
     port = gateway.port

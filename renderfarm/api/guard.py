@@ -8,7 +8,8 @@
   with ``Connection: close``, and what was read of it is dropped with the request.
 - Over the connection cap (``server.GuardedH11Protocol`` marks the request): 503 ``server_busy``
   with Retry-After and ``Connection: close``, before any route runs.
-- Errors that escape the routes: Redis away (``errors.UNAVAILABLE``) is a 503 with Retry-After;
+- Errors that escape the routes: a client gone before its body was read is logged without a
+  traceback; Redis away (``errors.UNAVAILABLE``) is a 503 with Retry-After;
   anything else a 500 in OpenAI's shape naming the request id, logged once with its traceback.
 """
 
@@ -21,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from renderfarm.api.errors import UNAVAILABLE, ApiError, unavailable
@@ -99,6 +101,9 @@ def _answer(exc: Exception, rid: str, what: str, body_timeout_s: float) -> ApiEr
     if isinstance(exc, BodyTimeout):
         return ApiError(408, f"The request body did not arrive within {body_timeout_s:g} s (API_BODY_TIMEOUT_S)",
                         code="request_timeout", headers={"connection": "close"})  # fmt: skip
+    if isinstance(exc, ClientDisconnect):  # nobody to answer; not the gateway's error
+        log.info("%s %s: the client closed the connection before its request was read", rid, what)
+        return ApiError(400, "The connection was closed before the request was read", code="client_closed")
     if isinstance(exc, UNAVAILABLE):
         log.warning("%s %s: Redis is unavailable: %s: %s", rid, what, type(exc).__name__, exc)
         return unavailable()

@@ -14,8 +14,8 @@ __all__ = ["ApiSettings", "get_api_settings"]
 
 
 class ApiSettings(BrokerSettings):
-    # A file of API keys, one per line as `name:sha256-hex-of-the-key` (`renderfarm api-key NAME`
-    # prints a new key and its line). Mount it from a secret; keys themselves are never stored.
+    # A file of API keys, one per line as `name:sha256-hex-of-the-key` (`renderfarm api-key NAME >> FILE`
+    # shows a new key and appends its line). Mount it from a secret; keys themselves are never stored.
     API_KEYS_FILE: FilePath
     # The models clients may ask for, comma-separated; empty: DEFAULT_MODEL only.
     API_MODELS: str = ""
