@@ -12,8 +12,10 @@
   process is made able to start multiprocessing children (``tasks.worker.mp_in_pool``), the
   self-check prints its banner and picks the engine, falling back where FastVideo's mp executor
   cannot run (``tasks.worker.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
-  owner, ``tasks.engines.holder``). If any of it fails, the process prints a diagnosis and stops
-  the whole worker (exit code 1): it never takes tasks it cannot run.
+  owner, ``tasks.engines.holder``); an engine that fails to start in a way a fallback answers
+  (FastVideo's Ray executor) is followed by the fallback ``ENGINE_FALLBACKS`` allows. If any of
+  it fails, the process prints a diagnosis and stops the whole worker (exit code 1): it never
+  takes tasks it cannot run.
 - ``worker_process_shutdown``: queued background uploads finish, then the engine is released.
 """
 
@@ -116,7 +118,14 @@ def _on_process_init(**_: Any) -> None:
         _sweep_spool(settings)
         plan = selfcheck.startup(settings)
         with _sigquit_is_a_load_failure():
-            ENGINE.load(plan.settings, plan.engine)
+            try:
+                ENGINE.load(plan.settings, plan.engine)
+            except Exception as exc:  # a start failure a fallback answers (FastVideo's Ray executor)
+                fallback = selfcheck.fallback_after(plan, exc)  # FatalWorkerError: none allowed
+                if fallback is None:
+                    raise
+                print(f"renderfarm self-check: {fallback.reason}", flush=True)
+                ENGINE.load(fallback.settings, fallback.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
         _die(exc)
 
