@@ -183,17 +183,31 @@ def status(task_id: str) -> None:
     typer.echo(json.dumps({"id": task_id, "state": state, "progress": describe(state, info), "info": info}))
 
 
+# What `renderfarm cancel` exits with, per outcome (tasks.cancel.Outcome).
+_CANCEL_EXIT = {"stopped": 0, "queued": 0, "revoked": 0, "finished": 3, "failed": 3, "unknown": 4, "running": 5}
+
+
 @app.command()
-def cancel(task_id: str) -> None:
-    """Cancel a render: a queued one never starts, a running one stops at its next step."""
+def cancel(
+    task_id: str,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a running render to stop.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+) -> None:
+    """Cancel a render and say what came of it: stopped (where), still queued (discarded when a worker
+    receives it), still running after --wait, already finished, failed or cancelled, or unknown.
+
+    Exit code: 0 stopped, queued or cancelled before; 3 it had finished or failed (nothing to
+    cancel); 4 no such render; 5 still running after --wait (the cancel stands); 1 Redis unusable.
+    """
     from tasks import app as celery_app
-    from tasks.cancel import cancel as request_cancel
+    from tasks.cancel import cancel as cancel_render
 
     try:
-        request_cancel(task_id, celery_app)
+        outcome = cancel_render(task_id, celery_app, wait_s=wait)
     except Exception as exc:  # noqa: BLE001
-        _fail(_redis_trouble(exc) or f"could not reach the broker at REDIS_URL: {exc}")
-    console.print(f"cancel requested for {task_id}")
+        _fail(_redis_trouble(exc) or f"could not cancel {task_id}: {type(exc).__name__}: {exc}")
+    typer.echo(json.dumps(outcome.as_dict()) if as_json else outcome.message())
+    raise typer.Exit(_CANCEL_EXIT[outcome.outcome.value])
 
 
 @app.command()

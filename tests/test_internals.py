@@ -25,6 +25,7 @@ MODULES = [
     "tasks.worker.logs",
     "tasks.worker.healthcheck",
     "renderfarm.flower",
+    "tasks.cancel",
     "worker_config.redis_backend",
 ]
 PINNED = ("celery", "kombu", "billiard")
