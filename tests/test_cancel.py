@@ -14,6 +14,7 @@ says ``hold at <point>``) until their cancel has been seen, so each lands exactl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 
 from tasks.cancel import CANCEL_KEY, Outcome, cancel
@@ -59,14 +61,12 @@ class Farm:
 
 
 def _farm(mode: str, db: int, redis_server, s3_server: S3Server, model_cache: Path, root: Path) -> Farm:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"
-    redis_server.client.execute_command("SELECT", db)  # the fixture's client is on db 0; flush this one only
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{db}"  # a database of its own, emptied first
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
     bucket = f"test-cancel-{mode}-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
     env.update(
         REDIS_URL=url, MINIO_ENDPOINT=s3_server.endpoint, MINIO_PUBLIC_ENDPOINT=f"http://localhost:{s3_server.port}",
         MINIO_ACCESS_KEY="test-access", MINIO_SECRET_KEY="test-secret", MINIO_BUCKET=bucket, MODEL_ID="tiny-wan",

@@ -205,6 +205,9 @@ def _has_password(url: str) -> bool:
 def _refusal(url: str, exc: BaseException) -> tuple[str, str]:
     """(what Redis refused, the fix) for an authentication failure at ``url``."""
     said = str(exc).strip().rstrip(".")
+    if is_sentinel(url) and "No master found" in said:  # the sentinels refused theirs, not the master's
+        return ("the Redis Sentinels named in REDIS_URL refused their password: REDIS_SENTINEL_PASSWORD is missing "
+                "or wrong", "set REDIS_SENTINEL_PASSWORD to the sentinels' requirepass (sentinel.conf)")  # fmt: skip
     where = f"Redis at REDIS_URL ({redacted(url)})"
     if "without any password configured" in said or "no password is set" in said:
         return (f"{where} has no password set but REDIS_URL gives one ({said})",
