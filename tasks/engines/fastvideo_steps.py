@@ -8,8 +8,9 @@ worker (rank 0) connects to. Fixed-size messages ``(kind, forward, step, steps)`
 
 - worker to pool process: ``STEP`` when the denoising loop starts (step 0) and after each step;
 - pool process to worker: ``GO`` or ``STOP`` in answer to step 0 (the worker waits for it: the
-  storage lookup is answered before the first denoising step, as with diffusers), and ``STOP``
-  when the render's progress callback raised at a later step (cancel).
+  storage lookup is answered before the first denoising step, as with diffusers) and to the last
+  step (the worker waits again: a cancel seen there stops it before decoding, as with diffusers),
+  and ``STOP`` when the render's progress callback raised at any other step (cancel).
 
 In the pool process, ``StepMonitor`` (one thread) calls the render's progress callback for each
 step (``("denoising", i, n)``, then ``("decoding", None, None)`` after the last). A callback that
@@ -145,8 +146,9 @@ class StepMonitor:
             progress, stopping = self._progress, self.error is not None
         if stopping:
             return STOP
+        awaited = step in (0, steps)  # the worker waits for an answer to these
         if progress is None:  # no render routed here (it ended): let the worker go on
-            return GO if step == 0 else None
+            return GO if awaited else None
         try:
             progress("denoising", step, steps)
             self.last_step = step
@@ -156,7 +158,7 @@ class StepMonitor:
             with self._lock:
                 self.error = exc
             return STOP
-        return GO if step == 0 else None
+        return GO if awaited else None
 
 
 def _same_user(conn: socket.socket) -> bool:
@@ -249,20 +251,17 @@ class _Reporter:
         self._stop = False
         conn = self._connection()
         if conn is not None and self._send(conn, 0, steps):
-            while (answer := _recv(conn)) is not None:
-                kind, forward, _, _ = answer
-                if forward == self._forward and kind in (GO, STOP):
-                    self._stop = kind == STOP
-                    break
-            else:
-                self._lost()
+            self._await_answer(conn)
         self._agree_or_raise(0)
 
     def step(self, step: int, steps: int) -> None:
-        """After a step: report it, and take any STOP the pool process sent meanwhile (no waiting)."""
+        """After a step: report it, and take any STOP the pool process sent meanwhile (no waiting);
+        after the last step, wait for its GO or STOP (decoding follows)."""
         conn = self._connection()
         if conn is not None and self._send(conn, step, steps):
-            while select.select([conn], [], [], 0)[0]:
+            if step == steps:
+                self._await_answer(conn)
+            while self._conn is not None and select.select([conn], [], [], 0)[0]:
                 answer = _recv(conn)
                 if answer is None:
                     self._lost()
@@ -270,6 +269,16 @@ class _Reporter:
                 kind, forward, _, _ = answer
                 self._stop = self._stop or (kind == STOP and forward == self._forward)
         self._agree_or_raise(step)
+
+    def _await_answer(self, conn: socket.socket) -> None:
+        """Block until the pool process answers this forward's step with GO or STOP (a STOP sent
+        earlier counts too)."""
+        while (answer := _recv(conn)) is not None:
+            kind, forward, _, _ = answer
+            if forward == self._forward and kind in (GO, STOP):
+                self._stop = self._stop or kind == STOP
+                return
+        self._lost()
 
     def _send(self, conn: socket.socket, step: int, steps: int) -> bool:
         try:

@@ -12,14 +12,21 @@ Receivers get ``task_id``, ``kwargs`` (the request) and ``result`` (the result o
 untouched (``tasks.pipeline.stray``). The worker counts it (``tasks.worker.metrics``) and stops
 consuming render queues (``tasks.worker.queues``). Receivers get ``sender`` (the task), ``queue``
 (the queue it came from) and ``reason`` (``no_engine``).
+
+``render_cancelled``: a render stopped on a cancel and was marked ``REVOKED``
+(``tasks.pipeline.cancelling.mark_revoked``): in its run (it then ends with ``Ignore``, which
+Celery's signals do not tell from other ends), or in buffer mode by the background thread just
+before its upload. Receivers get ``sender`` (the task) and ``task_id``. A queued render discarded
+by Celery itself is Celery's ``task_revoked``.
 """
 
 from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["render_encoded", "render_given_back", "render_stored"]
+__all__ = ["render_cancelled", "render_encoded", "render_given_back", "render_stored"]
 
 render_encoded = Signal(name="render_encoded")
 render_stored = Signal(name="render_stored")
+render_cancelled = Signal(name="render_cancelled")
 render_given_back = Signal(name="render_given_back")

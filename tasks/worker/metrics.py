@@ -37,7 +37,7 @@ from typing import Any
 from celery import signals
 
 from tasks.engines.holder import ENGINE
-from tasks.pipeline.events import render_given_back, render_stored
+from tasks.pipeline.events import render_cancelled, render_given_back, render_stored
 from tasks.worker.queues import serves_renders
 from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
@@ -301,13 +301,17 @@ def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | Non
     if state == "REJECTED":  # given back to its queue (tasks.pipeline.stray): no outcome, it runs elsewhere
         _elapsed(task_id)
         return
-    # A render cancelled while running ends with Ignore after marking itself REVOKED.
-    if _M is None or _task_name(sender) != RENDER_TASK or state != "IGNORED" or not task_id:
-        return
-    seconds = _elapsed(task_id)
-    if sender.AsyncResult(task_id).state == "REVOKED":
+    # A render that ended with Ignore (cancelled: counted by render_cancelled; or handed to buffer
+    # mode's background upload: counted when stored) is not timed from here on.
+    if _M is not None and _task_name(sender) == RENDER_TASK and state == "IGNORED":
+        _elapsed(task_id)
+
+
+def _on_render_cancelled(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    # Stopped while it ran, or by buffer mode's background thread before its upload.
+    if _M is not None:
         _M.renders.labels(_M.model, "cancelled").inc()
-        if seconds is not None:
+        if (seconds := _elapsed(task_id)) is not None:
             _M.render_seconds.labels(_M.model, "cancelled").observe(seconds)
 
 
@@ -327,6 +331,7 @@ def install(app: Any) -> None:
     signals.task_success.connect(_on_success, weak=False)
     render_stored.connect(_on_render_stored, weak=False)
     render_given_back.connect(_on_given_back, weak=False)
+    render_cancelled.connect(_on_render_cancelled, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
     signals.task_retry.connect(_on_retry, weak=False)
     signals.task_postrun.connect(_on_postrun, weak=False)
