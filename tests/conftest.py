@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -165,10 +166,14 @@ def in_process_worker(
         return request.getfixturevalue("celery_worker")  # after the tasks: it knows them when it starts
 
     signals.task_postrun.connect(worker_backend, weak=False)
+    root_level = logging.getLogger().level
     try:
         yield start
     finally:
         signals.task_postrun.disconnect(worker_backend)
+        # Celery's test worker set the root logger to its own level (ERROR): a later test's caplog
+        # would see no warning at all.
+        logging.getLogger().setLevel(root_level)
         # The worker has stopped. A task it retried subscribed its thread's backend to the retry's result
         # (a real worker process never does); those subscriptions go here with their connection, or the
         # garbage collector would reconnect to unsubscribe and leave that socket open.

@@ -25,7 +25,7 @@ from celery.backends import redis as celery_redis
 
 from worker_config.redis_link import RedisAuthError, auth_error, auth_message
 
-__all__ = ["INTERNALS", "RedisBackend", "SentinelBackend"]
+__all__ = ["INTERNALS", "RedisBackend", "ResultConsumer", "SentinelBackend"]
 
 # Celery's internals overridden here (checked by tests/test_internals.py against the pinned versions).
 INTERNALS = (
@@ -35,6 +35,8 @@ INTERNALS = (
     "celery.backends.redis.RedisBackend.on_connection_error",  # the errback of ensure()'s retry_over_time
     "celery.backends.redis.RedisBackend.ensure",
     "celery.backends.redis.SentinelBackend",
+    "celery.backends.redis.ResultConsumer._reconnect_pubsub",
+    "celery.backends.redis.ResultConsumer._locked",
 )
 
 
@@ -65,9 +67,36 @@ class _RefusedIsNotAnOutage:
             raise
 
 
+class ResultConsumer(celery_redis.ResultConsumer):
+    """Celery's pub/sub consumer of ``.get()``, closing the connections it drops when it reconnects.
+
+    Celery's reconnect (after Redis went away) forgets its pub/sub and resets the connection pool,
+    which drops the pool's connections without closing them: their sockets stayed open until the
+    garbage collector found them (an unclosed-socket ``ResourceWarning`` in a producer that waited
+    across an outage, one more open socket per reconnect until then). Here the old pub/sub and the
+    pool's idle connections are closed first; connections another thread is using are left to it.
+    """
+
+    def _reconnect_pubsub(self) -> None:
+        with self._locked():
+            old: Any = self._pubsub  # type: ignore[has-type]
+            self._pubsub = None
+            if old is not None:
+                try:
+                    old.close()
+                except Exception:  # noqa: BLE001 - its connection is already gone
+                    pass
+            self.backend.client.connection_pool.disconnect(inuse_connections=False)
+            super()._reconnect_pubsub()
+
+
 class RedisBackend(_RefusedIsNotAnOutage, celery_redis.RedisBackend):
     """``redis://``, ``rediss://`` and ``unix://`` results."""
+
+    ResultConsumer = ResultConsumer
 
 
 class SentinelBackend(_RefusedIsNotAnOutage, celery_redis.SentinelBackend):
     """Results on the master a set of Redis Sentinels names."""
+
+    ResultConsumer = ResultConsumer
