@@ -45,7 +45,7 @@ from typing import Any
 
 import psutil
 
-from tasks.engines import ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
+from tasks.engines import Denoising, ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
 from tasks.engines.conditioning import first_frame
 from tasks.engines.device import choose_device
 from tasks.engines.second_try import describe_size, with_one_more_try
@@ -202,12 +202,16 @@ class FastVideoEngine:
         return seconds
 
     def render(
-        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None
-    ) -> RenderOutput:
+        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None,
+        denoising: Denoising | None = None,
+    ) -> RenderOutput:  # fmt: skip
         if self._generator is None:
             raise EngineNotReady("the FastVideo engine was used after it was closed")
         if not self._ray:  # only the mp executor's worker signals its owner
             self._explain_sigquit()
+        if denoising is not None:  # checkpoints: not yet through FastVideo's worker (a saved state is not used)
+            denoising.resume(spec["num_inference_steps"])
+            denoising.started(0)
         name = uuid.uuid4().hex
         image_path = None
         if image is not None:  # FastVideo reads the image from a file, in its worker

@@ -7,13 +7,23 @@ memory they held back to the OS here (``tasks.worker.memory``). Receivers get ``
 ``WORKER_MODE=buffer`` the task hands the upload to a background thread and returns (Celery sends
 no ``task_success``); the thread sends this once the object is stored and the result written.
 Receivers get ``task_id``, ``kwargs`` (the request) and ``result`` (the result object).
+
+``denoised``: a render computed denoising steps (``steps``, sent after each step). Summed over a
+render's deliveries against what it needs, it shows what interruptions cost.
+
+``checkpointed``: a checkpoint event (``tasks.pipeline.checkpoints``): ``outcome`` is ``written``
+(with ``nbytes`` and ``seconds``), ``skipped`` (due while the last one was still being saved),
+``failed`` (storage refused or was down: the render went on), ``resumed`` (with ``steps``, the
+steps it saved), or ``ignored`` (with ``reason``: ``mismatch``, ``damaged``, ``unreadable``).
 """
 
 from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["render_encoded", "render_stored"]
+__all__ = ["render_encoded", "render_stored", "denoised", "checkpointed"]
 
 render_encoded = Signal(name="render_encoded")
 render_stored = Signal(name="render_stored")
+denoised = Signal(name="denoised")
+checkpointed = Signal(name="checkpointed")

@@ -6,7 +6,11 @@ through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too of
 (the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background
 in buffer mode) and ``s8_result``; ``s9_notify`` queues its webhook once the final state is written.
 A cancelled render ends ``REVOKED`` with the stage it reached; one past its soft time limit ends
-with ``RenderTimeout``.
+with ``RenderTimeout``. One whose worker is shutting down (``WorkerShuttingDown``: it saved a
+checkpoint where it stopped) gives its message back to the queue at once with
+``Reject(requeue=True)``: no result is written, and the delivery does not count towards
+``MAX_DELIVERIES`` (``s2_admit`` counts only deliveries their process died in); the next delivery
+continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from tasks.errors import RenderTimeout
@@ -32,6 +36,7 @@ from tasks.pipeline.s5_encode import encode, video_metadata, write_previews
 from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
+from tasks.pipeline.stopping import WorkerShuttingDown
 from tasks.schemas import RenderRequest
 from worker_config.settings import get_settings
 
@@ -52,6 +57,10 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
         task.backend.mark_as_revoked(task.request.id, reason=reason, request=task.request)
         _send_revoked_event(task)
         raise Ignore() from None
+    except WorkerShuttingDown as stopped:
+        clock.close()
+        log.warning("%s during stage %r: the task goes back to the queue", stopped, clock.stage)
+        raise Reject(str(stopped), requeue=True) from None
     except SoftTimeLimitExceeded:
         limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
         raise RenderTimeout(

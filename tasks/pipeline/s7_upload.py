@@ -8,6 +8,7 @@ retry) with Celery's countdown: the normal path finds the MP4 in the spool and r
 if the retry lands on this host; on another host it renders the video again (same key, same
 bytes). After ``STORAGE_MAX_RETRIES`` the task fails with ``StorageUnavailable``, its
 ``task_failure`` signal sent (metrics, the ``render.failed`` webhook) and its spooled file removed.
+Once the video is stored its spooled copy and its checkpoint (``tasks.pipeline.checkpoints``) go.
 
 The background uploads: one thread per pool process, one upload at a time, in submission order.
 The pool process waits for queued uploads before it exits (``tasks.worker.lifecycle``, at
@@ -30,7 +31,7 @@ from celery import Task, signals, states
 from celery.utils.log import get_task_logger
 
 from tasks.errors import StorageUnavailable
-from tasks.pipeline import resources
+from tasks.pipeline import checkpoints, resources
 from tasks.pipeline.events import render_stored
 from tasks.pipeline.progress import PUBLISHER, StageClock
 from tasks.pipeline.s6_spool import SpooledVideo
@@ -48,8 +49,15 @@ def upload(clock: StageClock, key: str, video: SpooledVideo) -> StoredVideo:
     """Queue mode: store the MP4 now, then drop it from the spool."""
     clock.enter("uploading")
     stored = resources.store().put(key, video.path, video.metadata, poster=video.poster, spritesheet=video.spritesheet)
-    resources.spool().discard(key)
+    _stored(key)
     return stored
+
+
+def _stored(key: str) -> None:
+    """The video is in storage: its spooled copy and its checkpoint are no longer needed."""
+    resources.spool().discard(key)
+    if get_settings().CHECKPOINT_EVERY_S:
+        checkpoints.discard(resources.store(), key)
 
 
 class BackgroundUploader:
@@ -106,7 +114,7 @@ def hand_over_upload(task: Task, clock: StageClock, key: str, video: SpooledVide
             PUBLISHER.settle(request.id)  # no PROGRESS of this task after its final state
             _upload_failed(task, request, key, exc)
             return
-        resources.spool().discard(key)
+        _stored(key)
         seconds = time.perf_counter() - started
         result["timings"]["uploading"] = round(seconds, 4)
         PUBLISHER.settle(request.id)

@@ -20,6 +20,13 @@ Recorded from Celery signals only (the task itself knows nothing of metrics):
 - ``renderfarm_webhook_deliveries_total{outcome}``: delivered, retried, failed.
 - ``renderfarm_queue_depth{queue}`` gauge: messages waiting, the autoscaling signal;
   ``renderfarm_broker_up`` is 0 when Redis did not answer the scrape.
+- ``renderfarm_denoising_steps_total``: denoising steps computed (the pipeline's ``denoised``).
+- Checkpoints (the pipeline's ``checkpointed``): ``renderfarm_checkpoints_total{outcome}``
+  (written, skipped, failed), ``renderfarm_checkpoints_ignored_total{reason}`` (mismatch, damaged,
+  unreadable), ``renderfarm_checkpoint_save_seconds`` histogram and ``renderfarm_checkpoint_bytes``
+  (the last one's size), ``renderfarm_render_resumes_total`` and
+  ``renderfarm_denoising_steps_saved_total`` (steps a resume did not compute again).
+- ``renderfarm_render_handbacks_total``: renders given back to the queue by a worker shutting down.
 """
 
 from __future__ import annotations
@@ -34,19 +41,22 @@ from typing import Any
 from celery import signals
 
 from tasks.engines.holder import ENGINE
-from tasks.pipeline.events import render_stored
+from tasks.pipeline.events import checkpointed, denoised, render_stored
 from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
 from worker_config.routing import RENDER_TASK
 from worker_config.settings import get_settings
 
-__all__ = ["install", "outcome_of", "OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
+__all__ = ["install", "outcome_of", "OUTCOMES", "CHECKPOINT_OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
 
 log = logging.getLogger("renderfarm.metrics")
 WEBHOOK_TASK = "tasks.deliver_webhook"
 OUTCOMES = (
     "success", "cached", "invalid", "timeout", "cancelled", "storage", "delivery_limit", "out_of_memory", "error",
 )  # fmt: skip
+CHECKPOINT_OUTCOMES = ("written", "skipped", "failed")
+_IGNORED_REASONS = ("mismatch", "damaged", "unreadable")
+_SAVE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _RENDER_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
@@ -86,8 +96,37 @@ class _Metrics:
             buckets=_LOAD_BUCKETS,
         )  # fmt: skip
         self.webhooks = Counter("renderfarm_webhook_deliveries", "Webhook delivery attempts, by outcome", ["outcome"])
+        self.steps = Counter("renderfarm_denoising_steps", "Denoising steps computed", ["model"])
+        self.checkpoints = Counter(
+            "renderfarm_checkpoints", "Checkpoint saves: written, skipped (the last one still saving), failed",
+            ["model", "outcome"],
+        )  # fmt: skip
+        self.ignored = Counter(
+            "renderfarm_checkpoints_ignored", "Checkpoints found but not used, by reason", ["model", "reason"]
+        )
+        self.save_seconds = Histogram(
+            "renderfarm_checkpoint_save_seconds", "Seconds to copy, encode and upload a checkpoint", ["model"],
+            buckets=_SAVE_BUCKETS,
+        )  # fmt: skip
+        self.checkpoint_bytes = Gauge(
+            "renderfarm_checkpoint_bytes", "Size of the last checkpoint written", ["model"],
+            multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.resumes = Counter("renderfarm_render_resumes", "Renders continued from a checkpoint", ["model"])
+        self.steps_saved = Counter(
+            "renderfarm_denoising_steps_saved", "Denoising steps a resume did not compute again", ["model"]
+        )
+        self.handbacks = Counter(
+            "renderfarm_render_handbacks", "Renders given back to the queue by a worker shutting down", ["model"]
+        )
         for outcome in OUTCOMES:  # every series exists from the first scrape, at 0
             self.renders.labels(model, outcome)
+        for outcome in CHECKPOINT_OUTCOMES:
+            self.checkpoints.labels(model, outcome)
+        for reason in _IGNORED_REASONS:
+            self.ignored.labels(model, reason)
+        for counter in (self.steps, self.resumes, self.steps_saved, self.handbacks):
+            counter.labels(model)
 
 
 class _QueueDepth:
@@ -284,8 +323,15 @@ def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
-    # A render cancelled while running ends with Ignore after marking itself REVOKED.
-    if _M is None or _task_name(sender) != RENDER_TASK or state != "IGNORED" or not task_id:
+    # A render cancelled while running ends with Ignore after marking itself REVOKED; one whose
+    # worker is shutting down gives its message back (Reject): REJECTED.
+    if _M is None or _task_name(sender) != RENDER_TASK or not task_id:
+        return
+    if state == "REJECTED":
+        _elapsed(task_id)
+        _M.handbacks.labels(_M.model).inc()
+        return
+    if state != "IGNORED":
         return
     seconds = _elapsed(task_id)
     if sender.AsyncResult(task_id).state == "REVOKED":
@@ -300,6 +346,26 @@ def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         _M.renders.labels(_M.model, "cancelled").inc()
 
 
+def _on_denoised(sender: Any = None, steps: int = 0, **_: Any) -> None:
+    if _M is not None:
+        _M.steps.labels(_M.model).inc(steps)
+
+
+def _on_checkpointed(sender: Any = None, outcome: str = "", **info: Any) -> None:
+    if _M is None:
+        return
+    if outcome in CHECKPOINT_OUTCOMES:
+        _M.checkpoints.labels(_M.model, outcome).inc()
+        if outcome == "written":
+            _M.save_seconds.labels(_M.model).observe(float(info.get("seconds") or 0.0))
+            _M.checkpoint_bytes.labels(_M.model).set(float(info.get("nbytes") or 0))
+    elif outcome == "ignored":
+        _M.ignored.labels(_M.model, str(info.get("reason"))).inc()
+    elif outcome == "resumed":
+        _M.resumes.labels(_M.model).inc()
+        _M.steps_saved.labels(_M.model).inc(int(info.get("steps") or 0))
+
+
 def install(app: Any) -> None:
     """Connect the metric hooks; they do nothing unless METRICS_PORT is set in a worker."""
     signals.worker_init.connect(_on_worker_init, weak=False)
@@ -309,6 +375,8 @@ def install(app: Any) -> None:
     signals.task_prerun.connect(_on_prerun, weak=False)
     signals.task_success.connect(_on_success, weak=False)
     render_stored.connect(_on_render_stored, weak=False)
+    denoised.connect(_on_denoised, weak=False)
+    checkpointed.connect(_on_checkpointed, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
     signals.task_retry.connect(_on_retry, weak=False)
     signals.task_postrun.connect(_on_postrun, weak=False)
