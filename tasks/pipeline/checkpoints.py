@@ -247,18 +247,22 @@ class Checkpoints:
     def _save(self, state: DenoisingState) -> None:
         started = time.perf_counter()
         try:
-            data = encode(self.identity, state.to_host())
+            host = state.to_host()
+            copied = time.perf_counter()
+            data = encode(self.identity, host)
+            encoded = time.perf_counter()
             self._store.put_bytes(self.key, data)
         except Exception as exc:  # noqa: BLE001 - a checkpoint never fails a render
             log.warning("checkpoint of %s at step %d not saved (the render goes on): %s: %s", self.identity.key,
                         state.step, type(exc).__name__, exc)  # fmt: skip
             checkpointed.send(sender=self, outcome="failed")
             return
-        seconds = time.perf_counter() - started
+        done = time.perf_counter()
         self.saved_step = max(self.saved_step, state.step)
-        log.info("checkpoint of %s at step %d of %d saved: %.1f MB in %.2fs", self.identity.key, state.step,
-                 state.steps, len(data) / 1e6, seconds)  # fmt: skip
-        checkpointed.send(sender=self, outcome="written", nbytes=len(data), seconds=seconds)
+        log.info("checkpoint of %s at step %d of %d saved: %.1f MB in %.2fs (to host %.3fs, encoding %.3fs, "
+                 "upload %.3fs)", self.identity.key, state.step, state.steps, len(data) / 1e6, done - started,
+                 copied - started, encoded - copied, done - encoded)  # fmt: skip
+        checkpointed.send(sender=self, outcome="written", nbytes=len(data), seconds=done - started)
 
     def _ignored(self, reason: str, detail: str) -> None:
         log.warning("checkpoint %s ignored (%s: %s): the render starts over", self.key, reason, detail)

@@ -137,11 +137,13 @@ class _Denoising:
         return step < (self.steps or step + 1) and self._checkpoints.due()
 
     def take_state(self, state: DenoisingState) -> None:
-        if self._latest is not None and state.step <= self._latest.step:
+        if self._checkpoints is None:
             return
-        self._latest = state
-        if self._checkpoints is not None and not (self._stop.shutting_down() and state.step < state.steps):
-            self._checkpoints.save(state)  # in the background; a shutdown saves its last state in hand_back
+        if self._stop.shutting_down() and state.step < state.steps:
+            if self._latest is None or state.step > self._latest.step:
+                self._latest = state  # saved by hand_back, where the render stops
+            return
+        self._checkpoints.save(state)  # in the background (its tensors are held only until it is stored)
 
     def reached(self, step: int) -> None:
         """The engine reported ``step`` done (or, at 0 or a resumed step, about to start)."""
