@@ -28,6 +28,7 @@ each of its few steps and never calls ``scheduler.step`` (``capture`` answers No
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -123,6 +124,7 @@ def _running(stage: Any, batch: Any) -> Iterator[None]:
     scheduler = stage.scheduler
     own_step = scheduler.step
 
+    @functools.wraps(own_step)  # FastVideo reads the step's signature for its extra arguments
     def step(model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
         if loop.first_sample is not None:
             sample, loop.first_sample = loop.first_sample.to(sample.device), None
