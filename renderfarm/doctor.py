@@ -1,7 +1,8 @@
 """``renderfarm doctor``: is this machine ready to produce or render?
 
 Checks, each with one line and the fix where known: the settings, the broker (Redis answers, the
-render queue's depth, workers answering), object storage (the bucket with the workers'
+render queue's depth, workers answering; a refused password and a plain ``redis://`` to a server
+that speaks TLS are named as such: ``worker_config.redis_link.diagnose``), object storage (the bucket with the workers'
 credentials), webhooks (secret and allow-list), then the worker self-check from
 ``tasks.worker.selfcheck`` (PyTorch, CUDA, GPU, FastVideo, /dev/shm, a real spawn pool, the
 engine a worker here would load). A producer-only install (no torch) skips the worker part.
@@ -22,7 +23,7 @@ __all__ = ["Check", "run_doctor"]
 
 def _broker(settings: Settings) -> list[Check]:
     from worker_config.celery_config import RENDER_QUEUE, priority_lists
-    from worker_config.redis_link import is_sentinel, redis_client
+    from worker_config.redis_link import diagnose, is_sentinel, redis_client
 
     client = redis_client(settings, timeout_s=3, connect_timeout_s=3)
     where = (
@@ -35,6 +36,8 @@ def _broker(settings: Settings) -> list[Check]:
             host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
             version = f"{version}, master {settings.REDIS_SENTINEL_MASTER} at {host}:{port} (from the sentinels)"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
+        if (fault := diagnose(settings.REDIS_URL, exc)) is not None:  # a password refused, TLS expected
+            return [Check("broker", False, fault.what, fault.fix)]
         return [Check("broker", False, f"{where} does not answer: {type(exc).__name__}: {exc}",
                         "start Redis or fix REDIS_URL (redis://:PASSWORD@host:6379/0)")]  # fmt: skip
     finally:

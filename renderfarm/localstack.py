@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,16 @@ class RedisServer:
             return bool(self.client.ping())
         except Exception:  # noqa: BLE001 - not up yet
             return False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block, as a stalled host would be: connections stay
+        open and are even accepted, nothing is answered; it goes on (SIGCONT) after."""
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL), as a crash would."""

@@ -517,8 +517,11 @@ def test_compose_services_are_configured_for_production():
         assert svc["environment"]["CUDA_VISIBLE_DEVICES"] == "0"  # its one reserved GPU
     assert len(devices_seen) == len(set(devices_seen)) == len(gpu_workers), "one GPU per worker"
 
+    ray_start = Settings.model_fields["FASTVIDEO_RAY_START_TIMEOUT_S"].default
     for name, svc in worker_services(doc).items():
         assert svc["healthcheck"]["test"][1:4] == ["python", "-m", "tasks.worker.healthcheck"], name
+        # A Ray executor that cannot start says so well inside the start period (docs/deploy.md, air-gapped nodes).
+        assert 4 * ray_start <= 60 * int(re.fullmatch(r"(\d+)m", svc["healthcheck"]["start_period"])[1]), name  # type: ignore[index]
         assert svc["restart"] == "unless-stopped"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert svc["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"

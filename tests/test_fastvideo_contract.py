@@ -198,3 +198,16 @@ def test_what_the_engines_ray_path_relies_on_still_holds():
     fastvideo_ray.complete_executor()
     assert not RayDistributedExecutor.__abstractmethods__
     assert "worker_process_setup_hook" in inspect.signature(ray.runtime_env.RuntimeEnv).parameters
+    # The address and the wait the engine settles (tasks/engines/fastvideo_ray.py, points 6 and 7): FastVideo's
+    # get_ip() reads FASTVIDEO_HOST_IP first, its placement group asks for node:<get_ip()>, it waits through the
+    # module-level _wait_until_pg_ready that start() replaces, and its workers' address is their own get_ip().
+    from fastvideo import envs, utils
+
+    assert "FASTVIDEO_HOST_IP" in envs.environment_variables
+    assert "host_ip = envs.FASTVIDEO_HOST_IP" in inspect.getsource(utils.get_ip)
+    cluster = inspect.getsource(ray_utils.initialize_ray_cluster)
+    assert 'placement_group_specs[0][f"node:{current_ip}"]' in cluster and "current_ip = get_ip()" in cluster
+    assert "_wait_until_pg_ready(current_placement_group)" in cluster
+    assert "return get_ip()" in inspect.getsource(ray_utils.RayWorkerWrapper.get_node_ip)
+    assert "FASTVIDEO_HOST_IP" in RayDistributedExecutor.WORKER_SPECIFIC_ENV_VARS  # never copied to the workers
+    assert "for worker in self.workers:" in inspect.getsource(RayDistributedExecutor.shutdown)

@@ -12,8 +12,9 @@
   this process and in FastVideo's workers: the mp executor's spawned worker (via
   ``tasks.engines.fastvideo_worker``) or the Ray executor's actors.
 - With ``DISTRIBUTED_EXECUTOR_BACKEND=ray`` the engine owns the Ray instance
-  (``tasks.engines.fastvideo_ray``): started before the generator, its placement group released
-  after each generator shutdown, shut down in ``close()``. A failure in a Ray actor reaches
+  (``tasks.engines.fastvideo_ray``): started before the generator (FastVideo is given Ray's node
+  address, and a bounded wait for its placement group: ``RayStartFailed``), its placement group
+  released after each generator shutdown, shut down in ``close()``. A failure in a Ray actor reaches
   ``generate`` as an exception (no SIGQUIT on this path): the generator is rebuilt and the error
   raised. A Ray actor that *died* (kernel OOM kill, crash) gets one more try on the rebuilt
   generator, then ``EngineWorkerLost``; the pool child keeps its model and keeps serving.
@@ -186,9 +187,10 @@ class FastVideoEngine:
         self._generator: Any = None
         self._sigquit_wrapped = False
         self._ray = settings.DISTRIBUTED_EXECUTOR_BACKEND == "ray"
-        if self._ray:
-            fastvideo_ray.start(settings.NUM_GPUS, cpu)
         try:
+            if self._ray:  # FASTVIDEO_HOST_IP: Ray's node address unless the operator set it
+                fastvideo_ray.start(settings.NUM_GPUS, cpu, settings.FASTVIDEO_HOST_IP,
+                                    settings.FASTVIDEO_RAY_START_TIMEOUT_S)  # fmt: skip
             self.from_pretrained_seconds = self._load()
         except BaseException:
             if self._ray:  # the process exits next (lifecycle): end Ray cleanly first

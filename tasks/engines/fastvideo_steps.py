@@ -11,9 +11,11 @@ worker (rank 0) connects to. Fixed-size messages ``(kind, forward, step, steps)`
   after a step is written (``tasks.engines.fastvideo_state``: a file beside the render's output)
   and ``NOST`` when it was asked for one that this loop cannot give;
 - pool process to worker: ``GO`` or ``STOP`` in answer to ``FROM`` (the worker waits for it: the
-  storage lookup is answered before the first denoising step, as with diffusers), ``STOP`` when
-  the render's progress callback raised at a later step (cancel, shutdown), and ``SAVE`` when the
-  render wants the state after the next step (a checkpoint is due, or the worker is shutting down).
+  storage lookup is answered before the first denoising step, as with diffusers) and to the last
+  step (the worker waits again: a cancel seen there stops it before decoding, as with diffusers),
+  ``STOP`` when the render's progress callback raised at any other step (cancel, shutdown), and
+  ``SAVE`` when the render wants the state after the next step (a checkpoint is due, or the worker
+  is shutting down).
 
 In the pool process, ``StepMonitor`` (one thread) calls the render's progress callback for each
 step (``("denoising", i, n)``, then ``("decoding", None, None)`` after the last) and its
@@ -171,8 +173,9 @@ class StepMonitor:
             progress, denoising, stopping = self._progress, self._denoising, self.error is not None
         if stopping:
             return [STOP]
+        awaited = start or step == steps  # the worker waits for an answer to these
         if progress is None:  # no render routed here (it ended): let the worker go on
-            return [GO] if start else []
+            return [GO] if awaited else []
         answers = []
         try:
             if start:
@@ -190,7 +193,7 @@ class StepMonitor:
             with self._lock:
                 self.error = exc
             return [*answers, STOP]
-        return [*answers, GO] if start else answers
+        return [*answers, GO] if awaited else answers
 
     def _on_state(self, kind: bytes, step: int) -> None:
         """The state the worker wrote after ``step`` (STAT), or its answer that it has none (NOST)."""
@@ -304,21 +307,18 @@ class _Reporter:
         self._stop = self._save = False
         conn = self._connection()
         if conn is not None and self._send(conn, FROM, self._forward, from_step, steps):
-            while (answer := _recv(conn)) is not None:
-                kind, forward, _, _ = answer
-                if forward == self._forward and kind in (GO, STOP):
-                    self._stop = kind == STOP
-                    break
-            else:
-                self._lost()
+            self._await_answer(conn)
         self._agree_or_raise(from_step)
 
     def step(self, step: int, steps: int) -> None:
-        """After a step: report it, take any SAVE or STOP the pool process sent meanwhile (no waiting),
-        write the state when asked (before stopping, at once), and stop when asked."""
+        """After a step: report it, take any SAVE or STOP the pool process sent meanwhile (no waiting;
+        after the last step, wait for its GO or STOP: decoding follows), write the state when asked
+        (before stopping, at once), and stop when asked."""
         conn = self._connection()
         if conn is not None and self._send(conn, STEP, self._forward, step, steps):
-            while select.select([conn], [], [], 0)[0]:
+            if step == steps:
+                self._await_answer(conn)
+            while self._conn is not None and select.select([conn], [], [], 0)[0]:
                 answer = _recv(conn)
                 if answer is None:
                     self._lost()
@@ -350,6 +350,19 @@ class _Reporter:
             write()
         else:
             threading.Thread(target=write, name="renderfarm-state-writer", daemon=True).start()
+
+    def _await_answer(self, conn: socket.socket) -> None:
+        """Block until the pool process answers this forward's step with GO or STOP (a STOP sent
+        earlier counts too; a SAVE that comes first is kept)."""
+        while (answer := _recv(conn)) is not None:
+            kind, forward, _, _ = answer
+            if forward != self._forward:
+                continue
+            self._save = self._save or kind == SAVE
+            if kind in (GO, STOP):
+                self._stop = self._stop or kind == STOP
+                return
+        self._lost()
 
     def _send(self, conn: socket.socket, kind: bytes, forward: int, step: int, steps: int) -> bool:
         try:

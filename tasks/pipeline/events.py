@@ -15,15 +15,22 @@ render's deliveries against what it needs, it shows what interruptions cost.
 (with ``nbytes`` and ``seconds``), ``skipped`` (due while the last one was still being saved),
 ``failed`` (storage refused or was down: the render went on), ``resumed`` (with ``steps``, the
 steps it saved), or ``ignored`` (with ``reason``: ``mismatch``, ``damaged``, ``unreadable``).
+
+``render_cancelled``: a render stopped on a cancel and was marked ``REVOKED``
+(``tasks.pipeline.cancelling.mark_revoked``): in its run (it then ends with ``Ignore``, which
+Celery's signals do not tell from other ends), or in buffer mode by the background thread just
+before its upload. Receivers get ``sender`` (the task) and ``task_id``. A queued render discarded
+by Celery itself is Celery's ``task_revoked``.
 """
 
 from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["render_encoded", "render_stored", "denoised", "checkpointed"]
+__all__ = ["render_cancelled", "render_encoded", "render_stored", "denoised", "checkpointed"]
 
 render_encoded = Signal(name="render_encoded")
 render_stored = Signal(name="render_stored")
+render_cancelled = Signal(name="render_cancelled")
 denoised = Signal(name="denoised")
 checkpointed = Signal(name="checkpointed")

@@ -41,7 +41,7 @@ from typing import Any
 from celery import signals
 
 from tasks.engines.holder import ENGINE
-from tasks.pipeline.events import checkpointed, denoised, render_stored
+from tasks.pipeline.events import checkpointed, denoised, render_cancelled, render_stored
 from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
 from worker_config.routing import RENDER_TASK
@@ -323,20 +323,23 @@ def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
-    # A render cancelled while running ends with Ignore after marking itself REVOKED; one whose
-    # worker is shutting down gives its message back (Reject): REJECTED.
-    if _M is None or _task_name(sender) != RENDER_TASK or not task_id:
+    # A render that ended with Ignore (cancelled: counted by render_cancelled; or handed to buffer
+    # mode's background upload: counted when stored) is not timed from here on; one whose worker is
+    # shutting down gives its message back (Reject): REJECTED, counted as a hand-back.
+    if _M is None or _task_name(sender) != RENDER_TASK:
         return
-    if state == "REJECTED":
+    if state == "IGNORED":
+        _elapsed(task_id)
+    elif state == "REJECTED":
         _elapsed(task_id)
         _M.handbacks.labels(_M.model).inc()
-        return
-    if state != "IGNORED":
-        return
-    seconds = _elapsed(task_id)
-    if sender.AsyncResult(task_id).state == "REVOKED":
+
+
+def _on_render_cancelled(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    # Stopped while it ran, or by buffer mode's background thread before its upload.
+    if _M is not None:
         _M.renders.labels(_M.model, "cancelled").inc()
-        if seconds is not None:
+        if (seconds := _elapsed(task_id)) is not None:
             _M.render_seconds.labels(_M.model, "cancelled").observe(seconds)
 
 
@@ -375,6 +378,7 @@ def install(app: Any) -> None:
     signals.task_prerun.connect(_on_prerun, weak=False)
     signals.task_success.connect(_on_success, weak=False)
     render_stored.connect(_on_render_stored, weak=False)
+    render_cancelled.connect(_on_render_cancelled, weak=False)
     denoised.connect(_on_denoised, weak=False)
     checkpointed.connect(_on_checkpointed, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
