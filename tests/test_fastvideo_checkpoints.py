@@ -6,8 +6,10 @@ the same way for a resume (tasks/engines/fastvideo_state.py). A pool process kil
 costs at most a checkpoint interval; a worker stopped with SIGTERM gives the render back where it
 stopped and another FastVideo worker continues it; both give the same MP4 bytes as a render that
 was never interrupted. The workers share one Redis, one bucket (the helpers of
-tests/test_checkpoints.py) and one short lease; renders are short (64x64, 9 frames): a FastVideo
-step takes a fraction of a second here, so 30 of them last long enough to act on.
+tests/test_checkpoints.py) and one short lease. Renders are small (64x64, 9 frames) and nothing
+paces FastVideo's worker (it does not wait for the pool process between steps): a step takes
+5 ms on an idle 2-core machine and half a second on a loaded one, so a render has 100 of them
+and a checkpoint is due every 0.05 s, and the tests act on what the logs say, never on time.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ except ImportError:
 
 pytestmark = pytest.mark.timeout(600)
 
-STEPS = 30
+STEPS = 100
 REQUEST = {"prompt": "a checkpointed fastvideo render", "height": 64, "width": 64, "num_frames": 9,
            "num_inference_steps": STEPS, "seed": 41}  # fmt: skip
-EVERY_S = 1.0
+EVERY_S = 0.05
 SHORT_LEASE = {"VISIBILITY_TIMEOUT_S": "6", "LEASE_RENEW_S": "2"}
+# Each step printed (tests.pacing), none slowed: FastVideo's worker does not wait for the pool
+# process's reports, which a pace would only delay.
+UNPACED = {**PACED, "PACE_STEP_S": "0"}
 _REFERENCE: dict[str, str] = {}
 
 
@@ -59,7 +64,7 @@ def farm(
         REDIS_URL=redis_server.url, MINIO_ENDPOINT=s3_server.endpoint, MINIO_ACCESS_KEY="test-access",
         MINIO_SECRET_KEY="test-secret", MINIO_BUCKET=bucket, MODEL_ID="tiny-wan", MODEL_CACHE_DIR=str(model_cache),
         SPOOL_DIR=str(work / "spool"), HEALTH_DIR=str(work / "health"), PYTHONUNBUFFERED="1", ENGINE="fastvideo",
-        DISTRIBUTED_EXECUTOR_BACKEND="mp", CHECKPOINT_EVERY_S=str(EVERY_S), **SHORT_LEASE, **PACED,
+        DISTRIBUTED_EXECUTOR_BACKEND="mp", CHECKPOINT_EVERY_S=str(EVERY_S), **SHORT_LEASE, **UNPACED,
     )  # fmt: skip
     farm = Farm(env, work)
     yield farm
@@ -94,7 +99,6 @@ def test_a_pool_process_killed_mid_denoising_resumes_from_its_fastvideo_checkpoi
     wait_for(lambda: SAVED.search(first.log), 180, "a first checkpoint from FastVideo's worker")
     saved_then = last_int(SAVED.pattern, first.log)
     assert saved_then is not None
-    wait_for(lambda: f"denoising step {saved_then + 2} of {STEPS}" in first.log, 120, "two steps past it")
     since = len(first.log)
     os.kill(child.pid, signal.SIGKILL)  # FastVideo's worker goes with it (PR_SET_PDEATHSIG)
     done = result.get(timeout=300)  # redelivered at once (WorkerLostError), to the replacement child
@@ -105,7 +109,7 @@ def test_a_pool_process_killed_mid_denoising_resumes_from_its_fastvideo_checkpoi
     log = new_lines(first, since)
     resumed = last_int(rf"resuming {done['key']} from the checkpoint at step (\d+) of {STEPS}", log)
     assert computed_first is not None and logged is not None and resumed is not None
-    assert logged <= resumed <= computed_first + 1  # FastVideo's worker may be a step ahead of its reports
+    assert logged <= resumed  # (FastVideo's worker may be ahead of the steps it reported when it was killed)
     assert "continuing from the state after step" in log  # said by FastVideo's worker itself
     computed_second = last_int(r"denoising completed: (\d+) steps computed in this delivery", log)
     assert computed_second == STEPS - resumed
@@ -145,9 +149,9 @@ def test_sigterm_hands_a_fastvideo_render_back_and_another_worker_continues_it(
     done = result.get(timeout=300)
     log = new_lines(second, since)
     resumed = last_int(rf"resuming {done['key']} from the checkpoint at step (\d+) of {STEPS}", log)
-    # FastVideo's worker writes the state at the step boundary where it stops, at most one step
-    # after the last one it reported: at most that one step is computed twice.
-    assert resumed is not None and stopped_at <= resumed <= stopped_at + 1, (stopped_at, resumed)
+    # FastVideo's worker writes the state at the step boundary where it stops (an older one only if a
+    # periodic save was under way when the shutdown came): at most one step computed twice.
+    assert resumed is not None and 0 <= stopped_at - resumed <= 1, (stopped_at, resumed)
     assert last_int(r"denoising completed: (\d+) steps computed in this delivery", log) == STEPS - resumed
     assert done["worker"] == second.hostname and checkpoint_objects(s3, bucket) == []
     assert done["sha256"] == reference_sha256(producer, second)
@@ -178,6 +182,6 @@ def test_a_render_given_back_by_a_ray_executor_worker_continues_on_an_mp_one(
     done = result.get(timeout=300)
     log = new_lines(second, since)
     resumed = last_int(rf"resuming {done['key']} from the checkpoint at step (\d+) of {STEPS}", log)
-    assert resumed is not None and stopped_at <= resumed <= stopped_at + 1, (stopped_at, resumed)
+    assert resumed is not None and 0 <= stopped_at - resumed <= 1, (stopped_at, resumed)
     assert done["worker"] == second.hostname and checkpoint_objects(s3, bucket) == []
     assert done["sha256"] == reference_sha256(producer, second)

@@ -132,6 +132,8 @@ class _Denoising:
         return step < (self.steps or step + 1) and self._checkpoints.due()
 
     def take_state(self, state: DenoisingState) -> None:
+        # A loop in another process (FastVideo's worker) may be ahead of the steps it has reported.
+        self.reached(state.step)
         if self._checkpoints is None:
             return
         if self._stop.shutting_down() and state.step < state.steps:
