@@ -116,7 +116,7 @@ def submit(
         typer.Option(help="First frame, for models that take an image: a local file (sent inline) or s3://bucket/key."),
     ] = None,
 ) -> None:
-    """Send a render to the queue (REDIS_URL); print its task id, or with --wait its result."""
+    """Send a render to the queue (REDIS_URL); print its task id (with --wait on stderr, then the result)."""
     from tasks import InvalidRequest, render
     from tasks.images import data_url
     from tasks.schemas import parse_request
@@ -140,6 +140,9 @@ def submit(
     if not wait:
         typer.echo(async_result.id)
         return
+    # stdout keeps only the result (JSON); the id goes to stderr first, terminal or not, so a render
+    # that outlives this command can be found again (`renderfarm status`, `result`, `cancel`).
+    console.print(f"task id: {async_result.id}", highlight=False)
     _wait_and_print(async_result, timeout, save)
 
 
@@ -227,8 +230,8 @@ def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0,
 ) -> None:
-    """Which workers are up, the model each serves and what each is doing."""
-    from renderfarm.fleet import survey
+    """Which workers are up, what each consumes, the model each serves and what each is doing."""
+    from renderfarm.fleet import clashes, survey
     from tasks import app as celery_app
 
     celery_app.conf.broker_connection_retry = False
@@ -240,6 +243,10 @@ def workers(
             _redis_trouble(exc, auth_only=True)
             or f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}"
         )
+    for name in clashes(found):
+        console.print(f"[bold red]warning:[/] several workers answer as {name}: each hides the others here and "
+                      "shares its health folder; give each its own name (renderfarm worker --name, celery -n)",
+                      soft_wrap=True)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(found, indent=2))
         return
@@ -251,8 +258,8 @@ def workers(
     table = Table("worker", "model", "engine", "queues", "status", "doing", "done")
     for w in found:
         doing = "; ".join(f"{r['id'][:8]} {r['progress']} {r['prompt']!r}" for r in w["active"]) or "-"
-        table.add_row(w["worker"], w["model"], w["engine"], ",".join(w["queues"]), w["status"], doing,
-                      str(w["processed"]))  # fmt: skip
+        table.add_row(w["worker"], w["model"] or "- (no render queue)", w["engine"] or "-", ",".join(w["queues"]),
+                      w["status"], doing, str(w["processed"]))  # fmt: skip
     Console().print(table)
 
 
@@ -384,17 +391,23 @@ def models(
         model = row["model"] or "[red](no worker)[/]"
         table.add_row(f"{model}{' (default)' if row['default'] else ''}", ", ".join(row["queues"]),
                       str(row["workers"]), str(row["waiting"]))  # fmt: skip
-    console.print(table)
+    Console().print(table)  # stdout, as `renderfarm workers` prints its own
+
+
+NAME_HELP = (
+    "Node name before '@' (default: render-<model>, and -gpu<ids> on a GPU). With several GPU groups each gets "
+    "-gpu<ids> appended."
+)
 
 
 @app.command()
 def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-    name: Annotated[str, typer.Option(help="Node name before '@' (GPU workers get -gpuN appended).")] = "render",
+    name: Annotated[str | None, typer.Option(help=NAME_HELP)] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the worker command(s) as JSON instead of running them.")] = False,
 ) -> None:
     """Start a render worker for this machine: prefork, concurrency 1, one per GPU (group of NUM_GPUS)."""
-    from renderfarm.launch import plan_workers, run_workers, visible_gpus
+    from renderfarm.launch import check_names, plan_workers, run_workers, visible_gpus
     from worker_config.settings import SettingsError, get_settings
 
     try:
@@ -405,9 +418,16 @@ def worker(
     if dry_run:
         typer.echo(json.dumps([{"name": p.name, "argv": p.argv, "env": p.env} for p in plans], indent=2))
         return
+    if taken := check_names(plans):
+        _fail(
+            f"a worker named {', '.join(taken)} is already running: two workers of one name hide each other "
+            "(renderfarm workers, models) and share a health folder; start this one with another --name",
+            2,
+        )
     for plan in plans:
         gpus = plan.env.get("CUDA_VISIBLE_DEVICES")
-        console.print(f"starting worker {plan.name} ({f'GPU {gpus}' if gpus else 'CPU'}): {' '.join(plan.argv[1:])}")
+        console.print(f"starting worker {plan.name} ({f'GPU {gpus}' if gpus else 'CPU'}): {' '.join(plan.argv[1:])}",
+                      soft_wrap=True, highlight=False)  # fmt: skip
     raise typer.Exit(run_workers(plans))
 
 

@@ -51,12 +51,17 @@ def _workers() -> Check:
     app.conf.broker_connection_retry = False
     app.conf.broker_connection_timeout = 3
     try:
-        replies = app.control.inspect(timeout=1.5).ping() or {}
+        replies = app.control.ping(timeout=1.5) or []  # a list: two workers of one name answer twice
     except Exception as exc:  # noqa: BLE001
         return Check("workers", False, f"cannot ask workers: {exc}")
     if not replies:
         return Check("workers", True, "none answering (renders wait in the queue until one starts)")
-    return Check("workers", True, f"{len(replies)} answering: {', '.join(sorted(replies))}")
+    names = [name for reply in replies for name in reply]
+    clashing = sorted({name for name in names if names.count(name) > 1})
+    if clashing:
+        detail = f"several workers answer as {', '.join(clashing)}: they hide each other and share a health folder"
+        return Check("workers", False, detail, "give each worker its own name (renderfarm worker --name, celery -n)")
+    return Check("workers", True, f"{len(names)} answering: {', '.join(sorted(names))}")
 
 
 def _storage(settings: Settings) -> Check:

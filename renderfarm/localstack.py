@@ -146,16 +146,19 @@ class WorkerProcess:
         app: str = "tasks",
         queue: str = "render",
         wrap: tuple[str, ...] = (),
+        command: list[str] | None = None,
     ) -> None:
-        """``wrap`` is a command that runs the worker command as its arguments (e.g. ``unshare ...``)."""
+        """``wrap`` is a command that runs the worker command as its arguments (e.g. ``unshare ...``);
+        ``command`` replaces the worker command (a documented command line as it is written, whose node
+        name is ``name@host``), e.g. ``renderfarm worker``."""
         self.name = name
         self.hostname = f"{name}@{socket.gethostname()}"
         self.log_path = log_path
         self._loads_engine = app == "tasks"
         self._log = open(log_path, "wb")  # closed in stop()
+        argv = command if command is not None else worker_command(self.hostname, *extra_args, app=app, queue=queue)
         self.proc = subprocess.Popen(
-            [*wrap, *worker_command(self.hostname, *extra_args, app=app, queue=queue)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [*wrap, *argv], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
     @property

@@ -76,9 +76,14 @@ def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gat
     wait_for(lambda: client.videos.retrieve(running.id).progress > 0, 30, "progress from the denoising steps")
     deleted = client.videos.delete(running.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (running.id, True, "video.deleted")
+    # DELETE waited for the cancel and says where the render stopped (tasks.cancel.Cancellation).
+    cancellation = (deleted.model_extra or {})["cancellation"]
+    assert cancellation["outcome"] == "stopped", cancellation
+    assert cancellation["stage"] in ("denoising", "decoding", "encoding", "uploading"), cancellation
+    assert cancellation["message"].startswith(f"render {running.id} stopped "), cancellation
     with pytest.raises(NotFoundError):
         client.videos.retrieve(running.id)
-    wait_for(lambda: producer.AsyncResult(running.id).state == "REVOKED", 60, "the render to stop")
+    assert producer.AsyncResult(running.id).state == "REVOKED"  # it had stopped when DELETE answered
 
     # Listing pages as the SDK pages (cursor `after`), newest first; another key sees none of it.
     queued = [client.videos.create(prompt=f"queued {i}", model="tiny-wan").id for i in range(3)]

@@ -34,7 +34,14 @@ from renderfarm.api.keys import KeyRing
 from renderfarm.api.quotas import Admission, QuotaExceeded, Quotas
 from renderfarm.api.records import Records
 from renderfarm.api.settings import ApiSettings
-from renderfarm.api.videos import BadParameter, reference_image, render_kwargs, shown_size_and_seconds, video_object
+from renderfarm.api.videos import (
+    BadParameter,
+    cancellation_of,
+    reference_image,
+    render_kwargs,
+    shown_size_and_seconds,
+    video_object,
+)
 from tasks.schemas import Limits
 
 __all__ = ["ApiError", "create_app"]
@@ -236,12 +243,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @api.delete("/v1/videos/{video_id}")
     def delete_video(video_id: str, request: Request) -> JSONResponse:
         record = found(video_id, owner_of(request))
+        body: dict[str, Any] = {"id": video_id, "object": "video.deleted", "deleted": True}
         if current(record)["status"] in ("queued", "in_progress"):
-            cancel(video_id, celery_app)  # a queued render never starts, a running one stops at its next step
+            # A queued render never starts, a running one stops at its next step or stage boundary:
+            # waited for briefly, and what came of it is said (tasks.cancel.Cancellation).
+            outcome = cancel(video_id, celery_app, wait_s=settings.API_CANCEL_WAIT_S)
+            body["cancellation"] = cancellation_of(outcome)
         records.remove(record)
         quotas.release(record["owner"], video_id)
-        log.info("%s deleted %s", request.state.request_id, video_id)
-        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+        log.info("%s deleted %s%s", request.state.request_id, video_id,
+                 f" ({body['cancellation']['outcome']})" if "cancellation" in body else "")  # fmt: skip
+        return JSONResponse(body)
 
     @api.get("/v1/videos/{video_id}/content")
     def video_content(video_id: str, request: Request, variant: str = "video") -> Response:

@@ -37,6 +37,9 @@ class ApiSettings(BrokerSettings):
     API_BODY_TIMEOUT_S: float = Field(60.0, gt=0, le=3600)
     API_MAX_CONNECTIONS: int = Field(100, ge=1, le=100_000)
     API_REDIS_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
+    # DELETE of a video still queued or rendering waits up to this long for the cancel's outcome
+    # (its `cancellation`: stopped at which stage or step, still queued, finished meanwhile...).
+    API_CANCEL_WAIT_S: float = Field(5.0, ge=0, le=30)
 
     @field_validator("API_MODELS")
     @classmethod

@@ -13,6 +13,8 @@
   worker accepts. Every problem is reported at once, each naming its OpenAI parameter.
 - ``input_reference`` (for models that take an image): the image, checked like a worker checks it
   (``tasks.images``), sent to the queue as the render's ``image`` (a data URL).
+- ``DELETE``'s ``cancellation`` (a video still queued or rendering): what the cancel came to
+  (``tasks.cancel.Cancellation``): ``outcome``, ``message`` and where it stopped or what it holds.
 - ``status``: a queued task is ``queued``; started, rendering or waiting to retry, ``in_progress``
   with ``progress`` from its denoising steps (0-99); stored, ``completed`` (100); failed or
   cancelled, ``failed`` with the error.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renderfarm.api.errors import quoted
 from tasks.images import check_data_url, check_image, parse_ref
@@ -31,8 +33,11 @@ from tasks.keys import request_problems
 from tasks.profiles import image_models, profile_for
 from tasks.schemas import Limits, Problem, check_fields
 
+if TYPE_CHECKING:
+    from tasks.cancel import Cancellation
+
 __all__ = [
-    "BadParameter", "PARAMETERS", "parse_seconds", "parse_size", "render_kwargs", "reference_image",
+    "BadParameter", "PARAMETERS", "cancellation_of", "parse_seconds", "parse_size", "render_kwargs", "reference_image",
     "shown_size_and_seconds", "video_object",
 ]  # fmt: skip
 
@@ -178,3 +183,13 @@ def video_object(record: dict[str, Any], state: str, info: Any) -> dict[str, Any
             video["error"] = {"code": type(info).__name__ if isinstance(info, BaseException) else "error",
                               "message": str(info)}  # fmt: skip
     return video
+
+
+def cancellation_of(outcome: Cancellation) -> dict[str, Any]:
+    """``DELETE``'s account of a cancel: the outcome, one line for a person, and the details it has
+    (``stage``/``step``/``steps`` where it stopped or runs, ``key`` of a video that had finished)."""
+    shown = {"outcome": outcome.outcome.value, "message": outcome.message()}
+    for name in ("stage", "step", "steps", "key"):
+        if (value := getattr(outcome, name)) is not None:
+            shown[name] = value
+    return shown

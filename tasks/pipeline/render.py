@@ -1,6 +1,7 @@
 """The body of ``tasks.render``: the stages, in the order they run.
 
-``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render goes
+``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render that
+reaches a process with no engine is given back to its queue untouched (``stray``). A render goes
 through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often? done elsewhere?), ``s3_lookup``
 (stored already? in the spool from an earlier attempt?), ``s4_generate`` (the engine), ``s5_encode``
 (the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background
@@ -26,11 +27,12 @@ from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from tasks.cancel import StopPoint
+from tasks.engines.holder import ENGINE
 from tasks.errors import RenderTimeout
 from tasks.images import ConditioningImage
 from tasks.pipeline import resources
 from tasks.pipeline.cancelling import RenderCancelled, RenderStop, mark_revoked
-from tasks.pipeline.events import render_encoded
+from tasks.pipeline.events import render_encoded, render_handed_back
 from tasks.pipeline.progress import StageClock
 from tasks.pipeline.s1_validate import validate
 from tasks.pipeline.s2_admit import delivery, drop_if_succeeded
@@ -41,6 +43,7 @@ from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
 from tasks.pipeline.stopping import WorkerShuttingDown
+from tasks.pipeline.stray import give_back
 from tasks.schemas import RenderRequest
 from worker_config.settings import get_settings
 
@@ -51,6 +54,8 @@ log = get_task_logger("tasks.render")  # the task's name: every line of a render
 
 def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Render one request; return the result object (see ``RenderResult``)."""
+    if not ENGINE.ready:
+        give_back(task)  # not a render worker's process: back to the queue, never failed
     clock = StageClock(task)
     try:
         with RenderStop(task.backend.client, task.request.id) as stop:
@@ -64,6 +69,8 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
     except WorkerShuttingDown as stopped:
         clock.close()
         log.warning("%s during stage %r: the task goes back to the queue", stopped, clock.stage)
+        queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+        render_handed_back.send(sender=task, queue=queue, step=stopped.step)
         raise Reject(str(stopped), requeue=True) from None
     except SoftTimeLimitExceeded:
         limit = get_settings().RENDER_SOFT_TIME_LIMIT_S

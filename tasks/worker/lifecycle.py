@@ -18,7 +18,8 @@
   owner, ``tasks.engines.holder``); an engine that fails to start in a way a fallback answers
   (FastVideo's Ray executor) is followed by the fallback ``ENGINE_FALLBACKS`` allows. If any of
   it fails, the process prints a diagnosis and stops the whole worker (exit code 1): it never
-  takes tasks it cannot run.
+  takes tasks it cannot run. A worker that is not a render worker (``tasks.worker.queues``: e.g.
+  ``-Q webhooks``) loads no engine.
 - ``worker_shutting_down`` (main process, SIGTERM or SIGINT: Celery's warm shutdown): the shutdown
   flag every pool child reads at each denoising step is set (``tasks.pipeline.stopping``, armed at
   ``worker_init`` before the pool forks): a running render stops at its next step, saves a
@@ -47,7 +48,7 @@ from tasks.pipeline.render import run
 from tasks.pipeline.s7_upload import UPLOADER
 from tasks.pipeline.stopping import SHUTDOWN
 from tasks.render import use_pipeline
-from tasks.worker import selfcheck
+from tasks.worker import queues, selfcheck
 from tasks.worker.allocator import cuda_allocator, keep_freed_memory
 from tasks.worker.mp_in_pool import allow_children_in_pool_process
 from worker_config.redis_link import first_contact
@@ -128,6 +129,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 def _on_process_init(**_: Any) -> None:
+    if not queues.serves_renders():
+        log.info("no engine in pid %d: this worker consumes no render queue", os.getpid())
+        return
     try:
         allow_children_in_pool_process()
         settings = get_settings()
