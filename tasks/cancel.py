@@ -49,7 +49,7 @@ from typing import Any
 
 __all__ = [
     "CANCEL_KEY", "FLAG_TTL_S", "INTERNALS", "Cancellation", "Outcome", "StopPoint", "cancel", "find_message",
-    "request_cancel",
+    "raise_flag", "request_cancel",
 ]  # fmt: skip
 
 # kombu's internals the message search relies on (checked by tests/test_internals.py): the names of
@@ -163,7 +163,7 @@ def request_cancel(task_id: str, app: Any = None) -> None:
     started: its state says so while its message still waits, and the worker that receives it drops it.
     """
     app = _app(app)
-    _raise_flag(app, task_id)
+    raise_flag(app, task_id)
     app.control.revoke(task_id)
 
 
@@ -190,7 +190,7 @@ def cancel(task_id: str, app: Any = None, wait_s: float = 5.0, poll_s: float = 0
             return Cancellation(task_id, Outcome.QUEUED, "RETRY", where="worker", waited_s=time.monotonic() - started)
         if meta["status"] == "PENDING":
             # No revoke: Celery would record REVOKED for an id nobody sent. The flag stops it if it turns up.
-            _raise_flag(app, task_id)
+            raise_flag(app, task_id)
             return Cancellation(task_id, Outcome.UNKNOWN, "PENDING", waited_s=time.monotonic() - started)
         if meta["status"] in _FINAL:
             return _final(task_id, meta, already=True, waited=time.monotonic() - started)
@@ -224,7 +224,8 @@ def _find_twice(app: Any, task_id: str, meta: dict[str, Any]) -> str | dict[str,
     return meta
 
 
-def _raise_flag(app: Any, task_id: str) -> None:
+def raise_flag(app: Any, task_id: str) -> None:
+    """Raise the cancel flag a running render watches (and a worker checks at admission); nothing else."""
     app.backend.client.set(CANCEL_KEY.format(task_id=task_id), "1", ex=FLAG_TTL_S)
 
 

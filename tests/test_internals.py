@@ -24,6 +24,7 @@ MODULES = [
     "tasks.worker.lifecycle",
     "tasks.worker.logs",
     "tasks.worker.healthcheck",
+    "tasks.worker.revoke",
     "renderfarm.flower",
     "tasks.cancel",
     "worker_config.redis_backend",
