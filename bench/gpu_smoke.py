@@ -15,7 +15,13 @@
    of FastVideo's worker is capped with prlimit, as the tests do). It must end in one more try and
    then ``RenderOutOfMemory`` (or succeed on that try), with no redelivery and no reload: the same
    processes serve the next render.
-4. Prints one table, and writes it with the raw figures under ``--out`` (``table.md``,
+4. Checkpoints (``checkpoint`` row): the diffusers worker saving its denoising state after every
+   step it may (``CHECKPOINT_EVERY_S`` tiny; a save still running when the next is due is skipped):
+   the state's size and the seconds per save from the worker's own log lines, and the seconds per
+   denoising step against the ``diffusers`` row (whose short renders save none); then the state of
+   the real shapes (Wan2.1-1.3B at 480x832x81, Wan2.2-TI2V-5B at 704x1280x121: latents, two model
+   outputs, the last sample) made on the device and saved from this process, phase by phase.
+5. Prints one table, and writes it with the raw figures under ``--out`` (``table.md``,
    ``results.json``); ``--write-docs`` also puts it in docs/gpu.md with the date and hardware.
 
 Each row runs in a process of its own under a time limit (``--row-timeout``; ``bench.smoke_rows``):
@@ -84,6 +90,10 @@ ROWS = {  # name: the worker's settings
     "fastvideo-ray": {"ENGINE": "fastvideo", "DISTRIBUTED_EXECUTOR_BACKEND": "ray"},
 }  # fmt: skip
 OOM_ROW = "out-of-memory"
+CHECKPOINT_ROW = "checkpoint"
+# The denoising state of a Wan UniPC render between two steps, by the latent shape of real renders
+# (float32 latents; UniPC of order 2 keeps two model outputs and the last sample beside them).
+REAL_STATES = {"Wan2.1-1.3B 480x832x81": (1, 16, 21, 60, 104), "Wan2.2-TI2V-5B 704x1280x121": (1, 48, 31, 44, 80)}
 # Per device: seconds a row may take, and the whole run (checkpoint and table included).
 ROW_TIMEOUT_S = {"cuda": 240.0, "cpu": 300.0}
 BUDGET_S = {"cuda": 540.0, "cpu": 1200.0}
@@ -114,7 +124,9 @@ class Row:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--rows", default=",".join([*ROWS, OOM_ROW]), help="which rows, comma-separated")
+    parser.add_argument(
+        "--rows", default=",".join([*ROWS, OOM_ROW, CHECKPOINT_ROW]), help="which rows, comma-separated"
+    )
     parser.add_argument("--steps", type=int, help="denoising steps per render (default: the device's request)")
     parser.add_argument("--size", help="WxHxF of each render (default: the device's request)")
     parser.add_argument("--shapes", choices=tuple(SHAPES), help="the checkpoint's shapes (default: by device)")
@@ -141,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.row:
         return run_one(args.row[0], json.loads(args.row[1]), Path(args.row[2]))
     rows = [name.strip() for name in args.rows.split(",") if name.strip()]
-    if unknown := set(rows) - {*ROWS, OOM_ROW}:
-        parser.error(f"unknown rows {sorted(unknown)}; allowed: {', '.join([*ROWS, OOM_ROW])}")
+    if unknown := set(rows) - {*ROWS, OOM_ROW, CHECKPOINT_ROW}:
+        parser.error(f"unknown rows {sorted(unknown)}; allowed: {', '.join([*ROWS, OOM_ROW, CHECKPOINT_ROW])}")
 
     import torch
 
@@ -285,6 +297,8 @@ def run_one(name: str, job: dict[str, Any], record: Path) -> int:
     try:
         if name == OOM_ROW:
             out_of_memory(run, job["request"], job["oversized"], job["oom_free_mb"])
+        elif name == CHECKPOINT_ROW:
+            checkpoint_row(run, job["request"])
         elif name == "fastvideo-ray" and importlib.util.find_spec("ray") is None:
             row.outcome = "not run: ray is not installed (its 79 MB wheel does not fit the 64 MiB bundle)"
             row.ok = True
@@ -347,6 +361,84 @@ def out_of_memory(run: RowRun, request: dict[str, Any], oversized: dict[str, Any
         row.ok = ending != "did not run out" and retries == 1 and same and not lost
         row.outcome = (f"{describe(oversized)} with {how}: {ending}; {retries} more try; next render by the same "
                        f"processes without reload: {'yes' if same else 'NO'}; redelivered: {'YES' if lost else 'no'}")  # fmt: skip
+
+
+_SAVED = re.compile(
+    r"checkpoint of \S+ at step \d+ of \d+ saved: ([\d.]+) MB in ([\d.]+)s \(to host ([\d.]+)s, "
+    r"encoding ([\d.]+)s, upload ([\d.]+)s\)"
+)
+
+
+def checkpoint_row(run: RowRun, request: dict[str, Any]) -> None:
+    """The diffusers worker saving after every step it may; then the real shapes' state saved from here."""
+    row = run.row
+    env = {**run.base_env, **ROWS["diffusers"], "CHECKPOINT_EVERY_S": "0.001"}
+    with worker(run, env) as proc:
+        run.doing("the warm-up render through the queue")
+        send(request, run.seed())
+        since = len(proc.log)
+        run.doing("the timed render through the queue, a checkpoint after every step it may")
+        began = time.perf_counter()
+        result = send(request, run.seed())
+        row.end_to_end_s = time.perf_counter() - began
+        take_result(row, result)
+        log = proc.log[since:]
+    saves = [tuple(map(float, m)) for m in _SAVED.findall(log)]
+    skipped = log.count("skipped: the last one is still being saved")
+    steps = request["num_inference_steps"]
+    parts = []
+    if saves:
+        med = [statistics.median(column) for column in zip(*saves, strict=True)]
+        parts.append(f"{len(saves)} saves of {med[0]:.1f} MB, {med[1]:.2f} s each in the background (to host "
+                     f"{med[2]:.3f}, encoding {med[3]:.3f}, upload {med[4]:.3f}), {skipped} skipped")  # fmt: skip
+    baseline = run.record.with_name("diffusers.json")  # the diffusers row's record: its renders save none
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        before = json.loads(baseline.read_text())["stages"]["denoising"]
+        delta = (row.stages["denoising"] - before) / steps
+        parts.append(f"denoising {delta:+.3f} s a step against the diffusers row (no saves)")
+    for name, shape in REAL_STATES.items():
+        run.doing(f"saving the state of {name} from this process")
+        parts.append(f"{name}: {real_state_save(shape, run.device)}")
+    row.ok = bool(saves)
+    row.outcome = "; ".join(parts) if saves else f"no checkpoint saved: {'; '.join(parts)}"
+
+
+def real_state_save(shape: tuple[int, ...], device: str) -> str:
+    """A state of ``shape`` made on ``device``, saved from this process: seconds per phase."""
+    import torch
+
+    from tasks.engines import DenoisingState
+    from tasks.pipeline.checkpoints import Identity, decode, encode
+    from tasks.pipeline.storage import VideoStore
+    from worker_config.settings import get_settings
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    names = ("latents", "scheduler.last_sample", "scheduler.model_outputs.0", "scheduler.model_outputs.1")
+    tensors = {name: torch.randn(shape, device=device) for name in names}
+    spec = {"num_inference_steps": 50}
+    identity = Identity("renders/00/gpu-smoke.mp4", "gpu-smoke", "", "diffusers", spec)
+    store = VideoStore(get_settings())
+    t0 = now()
+    state = DenoisingState(10, 50, {n: t.clone() for n, t in tensors.items()}, {"kind": "gpu-smoke"})
+    t1 = now()
+    host = state.to_host()
+    t2 = now()
+    data = encode(identity, host)
+    t3 = now()
+    store.put_bytes("checkpoints/00/gpu-smoke.ckpt", data)
+    t4 = now()
+    decode(store.read_small("checkpoints/00/gpu-smoke.ckpt", 2**31) or b"", identity)
+    t5 = now()
+    store.remove("checkpoints/00/gpu-smoke.ckpt")
+    del tensors, state, host
+    return (
+        f"{len(data) / 1e6:.1f} MB: copy on the device {t1 - t0:.3f} s (the render's only wait), to host "
+        f"{t2 - t1:.3f}, encoding {t3 - t2:.3f}, upload {t4 - t3:.3f}, read back {t5 - t4:.3f}"
+    )
 
 
 @contextlib.contextmanager

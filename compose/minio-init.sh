@@ -3,7 +3,8 @@
 # Idempotent: safe on every `docker compose up`.
 #
 # - creates the bucket MINIO_BUCKET, private (no anonymous access: workers hand out presigned URLs),
-#   with its retention rule when RENDER_RETENTION_DAYS is set;
+#   with its lifecycle rules: left-over checkpoints expire after a day, and videos and input images
+#   after RENDER_RETENTION_DAYS when it is set;
 # - creates the workers' own MinIO user MINIO_ACCESS_KEY / MINIO_SECRET_KEY with a policy limited
 #   to that bucket, so the root credentials never leave the minio and minio-init containers.
 set -eu
@@ -14,18 +15,19 @@ mc alias set farm http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/
 mc mb --ignore-existing "farm/$bucket"
 mc anonymous set none "farm/$bucket"
 
-# Retention: videos under renders/ and conditioning images under inputs/ expire
-# RENDER_RETENTION_DAYS after they were stored (0: kept). The rules are the bucket's whole
-# lifecycle, imported again on every run (idempotent).
+# Lifecycle: checkpoints left behind under checkpoints/ (a render that failed for good or was
+# cancelled; the workers delete the others when the video is stored) expire after a day; videos
+# under renders/ and conditioning images under inputs/ expire RENDER_RETENTION_DAYS after they were
+# stored (0: kept). The rules are the bucket's whole lifecycle, imported again on every run
+# (idempotent); workers whose key may set lifecycle rules merge the same ones into the bucket's.
 days="${RENDER_RETENTION_DAYS:-0}"
+rules='{"ID": "renderfarm-checkpoints", "Status": "Enabled", "Filter": {"Prefix": "checkpoints/"}, "Expiration": {"Days": 1}}'
 if [ "$days" -gt 0 ]; then
-    printf '{"Rules": [{"ID": "renderfarm-retention", "Status": "Enabled", "Filter": {"Prefix": "renders/"}, "Expiration": {"Days": %d}}, {"ID": "renderfarm-retention-inputs", "Status": "Enabled", "Filter": {"Prefix": "inputs/"}, "Expiration": {"Days": %d}}]}\n' "$days" "$days" \
-        | mc ilm import "farm/$bucket"
+    rules="$rules$(printf ', {"ID": "renderfarm-retention", "Status": "Enabled", "Filter": {"Prefix": "renders/"}, "Expiration": {"Days": %d}}, {"ID": "renderfarm-retention-inputs", "Status": "Enabled", "Filter": {"Prefix": "inputs/"}, "Expiration": {"Days": %d}}' "$days" "$days")"
     echo "minio-init: videos and input images in $bucket expire after $days days"
-else
-    mc ilm rule rm --id renderfarm-retention "farm/$bucket" >/dev/null 2>&1 || true
-    mc ilm rule rm --id renderfarm-retention-inputs "farm/$bucket" >/dev/null 2>&1 || true
 fi
+printf '{"Rules": [%s]}\n' "$rules" | mc ilm import "farm/$bucket"
+echo "minio-init: checkpoints left in $bucket/checkpoints/ expire after 1 day"
 
 if [ "$MINIO_ACCESS_KEY" = "$MINIO_ROOT_USER" ]; then
     echo "minio-init: workers use the root user (MINIO_ACCESS_KEY = MINIO_ROOT_USER); no bucket-scoped user created"

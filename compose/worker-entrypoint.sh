@@ -9,6 +9,10 @@
 #    queue `render`, task events on (-E, for Flower), node name render@<hostname>. The health
 #    check (python -m tasks.worker.healthcheck) asks exactly that node whether its model is loaded.
 #
+# `exec` matters: celery's main process takes this shell's pid, so the container's stop signal
+# (SIGTERM, passed on by tini) reaches it, and its warm shutdown gives a running render back to the
+# queue at its next denoising step with a checkpoint (docs/deploy.md#stopping-a-worker).
+#
 # Arguments are appended to the celery command line, e.g. `--loglevel DEBUG`. Settings come from
 # the environment only (worker_config/settings.py); invalid ones stop the worker at start with a
 # message that names the variable.

@@ -7,8 +7,9 @@ machine with more cores finished the "slow" renders before the tests could act. 
 with the environment in ``tests.support.PACED`` imports this module through Celery's own
 ``--include`` option (``CELERY_WORKER_INCLUDE``) in its main process, before the pool forks, so
 the pool children inherit it. The render itself is untouched: the engine computes every step; this
-only waits out the rest of ``PACE_STEP_S`` after each step's progress report. Never loaded by the
-project's own code.
+only waits out the rest of ``PACE_STEP_S`` after each step's progress report, and prints each
+denoising step reported (``tests.pacing: denoising step 5 of 40``), so a test can tell how far a
+render got before its worker was killed. Never loaded by the project's own code.
 
 Holds: a render whose prompt contains ``hold at <point>`` waits at that point (its state already
 shows it) until the render's own cancel watch has seen its cancel (at most ``PACE_HOLD_S``), so a
@@ -42,6 +43,8 @@ def _paced(self: StageClock, stage: str, step: int | None, steps: int | None) ->
     _report(self, stage, step, steps)
     now = time.perf_counter()
     if step:  # a step ended: wait out the rest of its pace, counted from the previous report
+        if stage == "denoising":
+            print(f"tests.pacing: denoising step {step} of {steps}", flush=True)
         time.sleep(max(0.0, PACE_STEP_S - (now - getattr(self, "_paced_at", now))))
     self._paced_at = time.perf_counter()  # type: ignore[attr-defined]
     if stage == "denoising" and steps and step == steps:

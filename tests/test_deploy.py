@@ -36,6 +36,7 @@ import psutil
 import pytest
 import yaml
 
+from tasks.pipeline.s4_generate import HAND_BACK_SAVE_S
 from tasks.worker.healthcheck import engine_loaded
 from tests.support import ROOT, RedisServer, free_port, wait_for
 from worker_config.settings import Settings
@@ -253,6 +254,42 @@ def test_dockerfile_runs_as_non_root_with_health_check_and_entrypoint():
     assert command[-1] == "/app/compose/worker-entrypoint.sh" and (ROOT / "compose" / "worker-entrypoint.sh").is_file()
     (workdir,) = [a for kind, a in steps if kind == "WORKDIR"]
     assert workdir == "/app"
+
+
+# What a worker needs between SIGTERM and SIGKILL to give its render back with a checkpoint: a
+# denoising step (up to ~30 s for the largest renders on one GPU), the checkpoint (HAND_BACK_SAVE_S
+# at most) and its exit.
+HAND_BACK_GRACE_S = HAND_BACK_SAVE_S + 30
+
+
+def duration_s(text: str) -> float:
+    """A compose duration (``60s``, ``1m30s``, ``5m``) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_sigterm_reaches_celerys_main_process_with_time_to_give_the_render_back():
+    """docs/deploy.md#stopping-a-worker: the stop signal goes to tini, which passes it to its one child
+    (no ``-g``: the pool process must not get it), the entrypoint, which exec's celery; and every
+    documented way of running the image waits long enough for the hand-back."""
+    steps = dockerfile_instructions()
+    (stop,) = [a for kind, a in steps if kind == "STOPSIGNAL"]
+    assert stop == "SIGTERM"
+    (entry,) = [a for kind, a in steps if kind == "ENTRYPOINT"]
+    tini = exec_form(entry)
+    assert tini[0].endswith("/tini") and tini[1] == "--" and "-g" not in tini[: tini.index("--")]
+    lines = ENTRYPOINT.read_text().splitlines()
+    commands = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert commands[-1].startswith("exec celery -A tasks worker ")
+
+    doc = interpolate(compose(), compose_env())
+    for name, svc in worker_services(doc).items():
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM", name
+        assert duration_s(svc["stop_grace_period"]) >= HAND_BACK_GRACE_S, name
+    runs = re.findall(r"docker run .*?(?=\n\n|```)", (ROOT / "docs" / "deploy.md").read_text(), re.S)
+    assert runs and all(int(re.search(r"--stop-timeout (\d+)", run).group(1)) >= HAND_BACK_GRACE_S for run in runs)
 
 
 def build_context(root: Path) -> dict[str, int]:

@@ -86,6 +86,29 @@ def test_what_the_step_channel_patches_still_exists():
     assert "extra" in field_names(ForwardBatch)
 
 
+def test_what_the_denoising_state_relies_on_still_holds():
+    """tasks/engines/fastvideo_state.py: where the loop's state is reached, and how a resume skips steps."""
+    from fastvideo.models.schedulers.scheduling_flow_unipc_multistep import FlowUniPCMultistepScheduler
+    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+    from fastvideo.pipelines.stages.denoising import DenoisingStage, DmdDenoisingStage
+
+    forward = inspect.getsource(DenoisingStage.forward)
+    # The loop reads the batch's latents once, before it; skips an iteration while `interrupt` is
+    # true; and its latents after a step are the scheduler step's output.
+    assert "latents = batch.latents" in forward
+    assert "if hasattr(self, 'interrupt') and self.interrupt:\n                    continue" in forward
+    assert "latents = self.scheduler.step(noise_pred, t, latents" in forward
+    # The timesteps come from the batch (set by the timestep stage, which ran set_timesteps before).
+    assert "timesteps = batch.timesteps" in forward and "set_timesteps" not in forward
+    # The worker finds the pool process's files by the output path it sees on its batch.
+    assert {"output_path", "latents", "generator"} <= field_names(ForwardBatch)
+    # Wan's scheduler keeps its state on the object (captured generically), its step as a method.
+    assert "step" in FlowUniPCMultistepScheduler.__dict__ and "set_timesteps" in FlowUniPCMultistepScheduler.__dict__
+    # Not covered (docs/reliability.md#checkpoints): FastWan's DMD loop is its own, without scheduler.step.
+    assert "forward" in DmdDenoisingStage.__dict__
+    assert "self.scheduler.step(" not in inspect.getsource(DmdDenoisingStage.forward)
+
+
 def test_every_request_field_exists_in_the_request_schema_and_sampling_params():
     from fastvideo.api.sampling_param import SamplingParam
     from fastvideo.api.schema import GenerationRequest, OutputConfig, SamplingConfig

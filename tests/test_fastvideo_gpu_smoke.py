@@ -1,8 +1,9 @@
 """``make gpu-smoke``'s CPU twin, on a host without a network: the GPU smoke check end to end on tiny shapes.
 
 The same script, on ``--device cpu``: a real redis-server, S3 endpoint and one real worker per row
-(diffusers, FastVideo mp with and without expandable segments, FastVideo ray), the direct calls, and
-the out-of-memory path with the address space of FastVideo's worker capped. Run in .venv-fastvideo.
+(diffusers, FastVideo mp with and without expandable segments, FastVideo ray), the direct calls, the
+out-of-memory path with the address space of FastVideo's worker capped, and the checkpoint row (a
+save after every step, and the real shapes' state saved from the smoke's process). Run in .venv-fastvideo.
 
 It runs in a network namespace with nothing but loopback (``tests.netns.LoopbackOnly``; root), as on
 an air-gapped GPU node: FastVideo's ``get_ip()`` finds no route there and answers 0.0.0.0, while Ray's
@@ -56,7 +57,7 @@ def test_the_smoke_check_runs_every_row_on_the_cpu_without_a_network_and_prints_
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     rows = {row["name"]: row for row in results["rows"]}
-    assert list(rows) == [*RENDER_ROWS, "out-of-memory"]
+    assert list(rows) == [*RENDER_ROWS, "out-of-memory", "checkpoint"]
 
     for name in RENDER_ROWS:  # each rendered through the queue, timed by stage, and called directly
         row = rows[name]
@@ -83,6 +84,11 @@ def test_the_smoke_check_runs_every_row_on_the_cpu_without_a_network_and_prints_
     assert "RenderOutOfMemory (out of memory twice on cpu rendering 512x512 x 65 frames (1 steps)" in oom["outcome"]
     assert "1 more try" in oom["outcome"] and "without reload: yes" in oom["outcome"]
     assert "redelivered: no" in oom["outcome"]
+
+    checkpoint = rows["checkpoint"]
+    assert checkpoint["ok"] and " saves of 0.1 MB" in checkpoint["outcome"], checkpoint
+    assert "Wan2.1-1.3B 480x832x81: 33.5 MB" in checkpoint["outcome"]  # the real shapes' state, saved and read back
+    assert "Wan2.2-TI2V-5B 704x1280x121: 83.8 MB" in checkpoint["outcome"]
 
     table = (tmp_path / "out" / "table.md").read_text()
     assert table in done.stdout  # printed, as written

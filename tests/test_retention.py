@@ -20,7 +20,9 @@ def test_a_worker_sets_the_retention_rule_on_its_bucket(start_worker, producer: 
     result = producer.send_task("tasks.render", kwargs={"prompt": "kept three days", "seed": 1}, queue="render")
     done = result.get(timeout=120)
 
-    rule, inputs = s3.get_bucket_lifecycle(bucket).rules
+    rules = {r.rule_id: r for r in s3.get_bucket_lifecycle(bucket).rules}
+    assert set(rules) == {"renderfarm-retention", "renderfarm-retention-inputs", "renderfarm-checkpoints"}
+    rule, inputs = rules["renderfarm-retention"], rules["renderfarm-retention-inputs"]
     assert (rule.rule_id, rule.status, rule.expiration.days) == ("renderfarm-retention", "Enabled", 3)
     assert done["key"].startswith(rule.rule_filter.prefix) and rule.rule_filter.prefix == "renders/"
     # Conditioning images (inputs/<sha256>.<ext>) go with the same delay.
@@ -29,5 +31,8 @@ def test_a_worker_sets_the_retention_rule_on_its_bucket(start_worker, producer: 
         "inputs/",
         3,
     )
+    # Checkpoints left behind (their render failed for good) go after a day, retention or not.
+    checkpoints = rules["renderfarm-checkpoints"]
+    assert (checkpoints.rule_filter.prefix, checkpoints.expiration.days) == ("checkpoints/", 1)
     ttl = redis_server.client.ttl(f"celery-task-meta-{result.id}")
     assert 0 < ttl <= 3 * 86400  # the result goes no later than the video

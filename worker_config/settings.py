@@ -202,6 +202,11 @@ class Settings(BrokerSettings):
     # (0 = kept for ever); results never outlive them (result_expires_s).
     RENDER_RETENTION_DAYS: int = Field(0, ge=0, le=36500)
     MAX_DELIVERIES: int = Field(3, ge=1, le=20)
+    # While a render denoises, its state is saved to the bucket this often (tasks/pipeline/checkpoints.py),
+    # in the background; a delivery of the same render continues from it, and a worker shutting down
+    # (SIGTERM) saves it where it stops. At most this much GPU time (plus one save) is lost when a
+    # node dies. 0 turns checkpoints off. See docs/reliability.md#checkpoints for the default.
+    CHECKPOINT_EVERY_S: float = Field(30.0, ge=0, le=3600)
 
     # --- Operator and producer experience (issue 6): metrics, logs, webhooks ----------------------
     # Prometheus metrics served by the worker's main process on this port (0 = off); each worker

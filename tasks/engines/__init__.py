@@ -8,11 +8,15 @@ Importing this package imports no torch: the implementations are imported by
 
 - ``diffusers_engine``: WanPipeline (the CPU engine for tiny-wan, and a fallback).
 - ``fastvideo_engine``: FastVideo's ``VideoGenerator``, with ``fastvideo_worker`` (its mp worker's
-  entry point), ``fastvideo_ray`` (its Ray executor in a pool process), ``fastvideo_cpu``
+  entry point), ``fastvideo_ray`` (its Ray executor in a pool process), ``fastvideo_steps`` (its
+  denoising loop, in its own worker process, connected to the pool process step by step),
+  ``fastvideo_state`` (that loop's state, resumed and captured there), ``fastvideo_cpu``
   (FastVideo without an accelerator) and ``fastvideo_mp4`` (its MP4s written by ``mp4``).
 - ``mp4``: frames to an MP4, the one encoder of every stored video.
 - ``tiny_wan``: the built-in random-weight checkpoints (``tiny-wan``, ``tiny-wan-ti2v``).
 - ``conditioning``: an image-conditioned render's first frame, the same for every engine.
+- ``denoising_state``: a denoising loop's state (latents, the scheduler's whole state, the
+  generator's), captured at a step boundary and restored before the next step.
 - ``holder``: the one owner of a process's engine, and ``load_engine``. ``peak_memory``: a render's peak memory.
   ``oom`` and ``second_try``: one more try after an out-of-memory or a lost engine worker.
 
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
     from tasks.images import ConditioningImage
     from worker_config.settings import Settings
 
-__all__ = ["Engine", "RenderOutput", "ProgressFn", "choose_engine", "resolve_model_path"]
+__all__ = ["Engine", "RenderOutput", "ProgressFn", "Denoising", "DenoisingState", "choose_engine", "resolve_model_path"]
 
 # progress(stage, step, steps): stage is one of "encoding_prompt", "denoising", "decoding". An
 # engine reports ("denoising", 0, steps) before its first denoising step: the task waits there for
@@ -51,14 +55,60 @@ class RenderOutput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class DenoisingState:
+    """What a denoising loop needs to go on exactly where it stopped: after ``step`` of ``steps``.
+
+    ``tensors`` (name to ``torch.Tensor``, on any device until ``to_host``) are the latents, the
+    scheduler's tensors (its multistep history included) and the generator's state; ``values``
+    are plain JSON values (the scheduler's counters, which tensors form a list, the engine's
+    ``kind`` of state). Made and read by ``tasks.engines.denoising_state``; what is kept of it,
+    and where, is the pipeline's business (``tasks.pipeline.checkpoints``).
+    """
+
+    step: int
+    steps: int
+    tensors: dict[str, Any]
+    values: dict[str, Any]
+
+    def to_host(self) -> DenoisingState:
+        """The same state with every tensor copied to the CPU (call it off the render's thread)."""
+        return DenoisingState(self.step, self.steps, {n: t.to("cpu") for n, t in self.tensors.items()}, self.values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel() * t.element_size()) for t in self.tensors.values())
+
+
+class Denoising(Protocol):
+    """What an engine's denoising loop asks of the pipeline besides reporting progress.
+
+    Called on the render's side, in this order: ``resume`` once before the first denoising step
+    (the state to continue from, or None: start from noise); ``started`` once, with the step the
+    loop really starts after (0, or the resumed state's step; an engine that cannot use the state
+    it was given starts from 0); then after each step ``wants_state`` and, when it says yes, the
+    state after that step (or, where the loop runs in another process, after the next one) to
+    ``take_state``, whose tensors may still be on the device.
+    """
+
+    def resume(self, steps: int) -> DenoisingState | None: ...
+
+    def started(self, step: int) -> None: ...
+
+    def wants_state(self, step: int) -> bool: ...
+
+    def take_state(self, state: DenoisingState) -> None: ...
+
+
 class Engine(Protocol):
     name: str
     model_id: str
     device: str
 
     def render(
-        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None
-    ) -> RenderOutput: ...
+        self, spec: dict[str, Any], progress: ProgressFn, image: ConditioningImage | None = None,
+        denoising: Denoising | None = None,
+    ) -> RenderOutput: ...  # fmt: skip
 
     def close(self) -> None: ...
 

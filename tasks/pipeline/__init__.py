@@ -12,8 +12,10 @@
 - ``s9_notify``: the webhook delivery queued (``webhook_delivery``: the ``tasks.deliver_webhook`` task).
 
 What the stages share: ``progress`` (stages, steps and timings, published in the background),
-``storage`` (the bucket), ``resources`` (this process's store, spool and limits), ``cancelling``
-and ``events`` (the signals the worker listens to).
+``storage`` (the bucket), ``resources`` (this process's store, spool and limits), ``checkpoints``
+(a render's denoising saved and found again: used by stage 4, deleted by stage 7), ``stopping``
+(should this render stop now, and why: ``cancelling``, or the worker shutting down) and ``events``
+(the signals the worker listens to).
 
 Runs in worker pool processes only. It may import the engines, the producer's face and the
 configuration; only the worker process (``tasks.worker``) imports it.

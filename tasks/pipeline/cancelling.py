@@ -5,8 +5,10 @@ denoising step and at each stage boundary (the engine's progress callback in ``s
 ``decoding`` too; the pipeline before ``encoding`` and ``uploading``). Its answer comes from a
 ``CancelWatch``, a thread that reads the task's cancel flag every 0.5 s, so asking costs a step
 nothing and a Redis that is slow or away never holds up a render. A cancel seen raises
-``RenderCancelled`` with the ``StopPoint`` reached. (A second reason to stop, a worker shutting
-down, joins here.)
+``RenderCancelled`` with the ``StopPoint`` reached. The second reason to stop is the worker
+shutting down (``tasks.pipeline.stopping``: a flag in memory shared with the main process): it
+raises ``WorkerShuttingDown`` at a step or a stage boundary before the render's last denoising step
+is done, and never after it (decoding, encoding and the upload take seconds: the render finishes).
 
 ``RenderCancelled`` is also raised at admission (``s2_admit``: a task cancelled while it waited).
 The pipeline (``tasks.pipeline.render``) catches it and ends the task with ``mark_revoked``:
@@ -23,6 +25,7 @@ from typing import Any
 
 from tasks.cancel import CANCEL_KEY, StopPoint
 from tasks.pipeline.events import render_cancelled
+from tasks.pipeline.stopping import SHUTDOWN, ShutdownFlag, WorkerShuttingDown
 
 __all__ = ["CancelWatch", "RenderCancelled", "RenderStop", "cancel_requested", "mark_revoked"]
 
@@ -92,12 +95,16 @@ class CancelWatch:
 
 
 class RenderStop:
-    """Whether this render must stop, asked at each step and stage boundary; a context manager
-    around the whole render (its ``CancelWatch`` runs inside it)."""
+    """Whether this render must stop, and why (cancelled, or its worker shutting down), asked at each
+    step and stage boundary; a context manager around the whole render (its ``CancelWatch`` runs inside it)."""
 
-    def __init__(self, client: Any, task_id: str | None, every_s: float = 0.5) -> None:
+    def __init__(
+        self, client: Any, task_id: str | None, every_s: float = 0.5, shutdown: ShutdownFlag = SHUTDOWN
+    ) -> None:  # fmt: skip
         self._watch = CancelWatch(client, task_id, every_s)
+        self._shutdown = shutdown
         self._stage: str | None = None
+        self.finishing = False  # past the last denoising step: a shutdown no longer stops it
 
     def __enter__(self) -> RenderStop:
         self._watch.__enter__()
@@ -109,15 +116,25 @@ class RenderStop:
     def requested(self) -> bool:
         return self._watch.requested()
 
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
     def check(self, stage: str, step: int | None = None, steps: int | None = None) -> None:
         """Raise ``RenderCancelled`` if the render must stop here: before ``stage`` when it is a new
-        one (no work of it done yet), else at ``step`` of ``steps`` within it."""
+        one (no work of it done yet), else at ``step`` of ``steps`` within it; ``WorkerShuttingDown``
+        the same way while the worker shuts down, until the last denoising step is done."""
         entering, self._stage = stage != self._stage, stage
-        if not self._watch.requested():
-            return
-        if entering:
-            raise RenderCancelled(StopPoint(stage, before=True))
-        raise RenderCancelled(StopPoint(stage, step, steps))
+        if stage in _AFTER_DENOISING or (stage == "denoising" and step is not None and steps and step >= steps):
+            self.finishing = True
+        if self._watch.requested():
+            if entering:
+                raise RenderCancelled(StopPoint(stage, before=True))
+            raise RenderCancelled(StopPoint(stage, step, steps))
+        if self._shutdown.is_set() and not self.finishing:
+            raise WorkerShuttingDown(stage, None if entering and stage != "denoising" else step)
+
+
+_AFTER_DENOISING = frozenset({"decoding", "encoding", "uploading"})
 
 
 def mark_revoked(task: Any, request: Any, point: StopPoint) -> None:

@@ -13,6 +13,19 @@ untouched (``tasks.pipeline.stray``). The worker counts it (``tasks.worker.metri
 consuming render queues (``tasks.worker.queues``). Receivers get ``sender`` (the task), ``queue``
 (the queue it came from) and ``reason`` (``no_engine``).
 
+``render_handed_back``: a render whose worker is shutting down stopped and is given back to its
+queue, its checkpoint saved (``tasks.pipeline.render``). The worker counts it with the renders
+given back (``reason`` ``shutdown``); its queues stay as they are. Receivers get ``sender`` (the
+task), ``queue`` and ``step`` (the denoising step it stopped after, or None).
+
+``denoised``: a render computed denoising steps (``steps``, sent after each step). Summed over a
+render's deliveries against what it needs, it shows what interruptions cost.
+
+``checkpointed``: a checkpoint event (``tasks.pipeline.checkpoints``): ``outcome`` is ``written``
+(with ``nbytes`` and ``seconds``), ``skipped`` (due while the last one was still being saved),
+``failed`` (storage refused or was down: the render went on), ``resumed`` (with ``steps``, the
+steps it saved), or ``ignored`` (with ``reason``: ``mismatch``, ``damaged``, ``unreadable``).
+
 ``render_cancelled``: a render stopped on a cancel and was marked ``REVOKED``
 (``tasks.pipeline.cancelling.mark_revoked``): in its run (it then ends with ``Ignore``, which
 Celery's signals do not tell from other ends), or in buffer mode by the background thread just
@@ -24,9 +37,15 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["render_cancelled", "render_encoded", "render_given_back", "render_stored"]
+__all__ = [
+    "render_cancelled", "render_encoded", "render_given_back", "render_handed_back", "render_stored", "denoised",
+    "checkpointed",
+]  # fmt: skip
 
 render_encoded = Signal(name="render_encoded")
 render_stored = Signal(name="render_stored")
 render_cancelled = Signal(name="render_cancelled")
 render_given_back = Signal(name="render_given_back")
+render_handed_back = Signal(name="render_handed_back")
+denoised = Signal(name="denoised")
+checkpointed = Signal(name="checkpointed")

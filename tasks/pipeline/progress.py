@@ -1,7 +1,8 @@
 """Progress and timings of one render: task states a producer reads, and events Flower shows.
 
 ``StageClock`` moves the task through stages (``PROGRESS`` state with ``{"stage", "step",
-"steps"}`` as its info) and records the seconds spent in each; ``timings()`` is what the
+"steps"}`` as its info, and ``resumed_from``, the step a render continued from after a checkpoint,
+once it has) and records the seconds spent in each; ``timings()`` is what the
 result reports. ``ProgressPublisher`` sends those updates from a background thread, so the
 render never waits on Redis for them; ``store_progress`` never lets one replace a final state.
 """
@@ -42,6 +43,7 @@ class StageClock:
         self._timings: dict[str, float] = {}
         self._published = 0.0
         self._handed_over = False
+        self.resumed_from: int | None = None  # this delivery continued from a checkpoint at this step
 
     def enter(self, stage: str, step: int | None = None, steps: int | None = None) -> None:
         """Close the current stage and start ``stage``; publish it as the task's PROGRESS."""
@@ -94,6 +96,8 @@ class StageClock:
         meta: dict[str, Any] = {"stage": self.stage}
         if steps is not None:
             meta.update(step=step, steps=steps)
+        if self.resumed_from is not None:
+            meta["resumed_from"] = self.resumed_from
         if self._request.id is None:
             return
         PUBLISHER.submit(self._task, self._request, meta)

@@ -10,7 +10,11 @@ in buffer mode) and ``s8_result``; ``s9_notify`` queues its webhook once the fin
 A cancelled render ends ``REVOKED`` with the point it reached: a denoising step, or the boundary
 before decoding, encoding or uploading (``RenderStop``, asked there; an MP4 this attempt left in
 the spool is removed). The video is never half stored: an upload under way is not cut, the render
-then ends ``SUCCESS``. One past its soft time limit ends with ``RenderTimeout``.
+then ends ``SUCCESS``. One past its soft time limit ends with ``RenderTimeout``. One whose worker
+is shutting down (``WorkerShuttingDown``, from the same ``RenderStop``: stage 4 saved a checkpoint
+where it stopped) gives its message back to the queue at once with ``Reject(requeue=True)``: no
+result is written, and the delivery does not count towards ``MAX_DELIVERIES`` (``s2_admit``
+counts only deliveries their process died in); the next delivery continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from tasks.cancel import StopPoint
@@ -28,7 +32,7 @@ from tasks.errors import RenderTimeout
 from tasks.images import ConditioningImage
 from tasks.pipeline import resources
 from tasks.pipeline.cancelling import RenderCancelled, RenderStop, mark_revoked
-from tasks.pipeline.events import render_encoded
+from tasks.pipeline.events import render_encoded, render_handed_back
 from tasks.pipeline.progress import StageClock
 from tasks.pipeline.s1_validate import validate
 from tasks.pipeline.s2_admit import delivery, drop_if_succeeded
@@ -38,6 +42,7 @@ from tasks.pipeline.s5_encode import encode, video_metadata, write_previews
 from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
+from tasks.pipeline.stopping import WorkerShuttingDown
 from tasks.pipeline.stray import give_back
 from tasks.schemas import RenderRequest
 from worker_config.settings import get_settings
@@ -61,6 +66,12 @@ def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
         log.info("%s; the model stays loaded", point.reason())
         mark_revoked(task, task.request, point)
         raise Ignore() from None
+    except WorkerShuttingDown as stopped:
+        clock.close()
+        log.warning("%s during stage %r: the task goes back to the queue", stopped, clock.stage)
+        queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+        render_handed_back.send(sender=task, queue=queue, step=stopped.step)
+        raise Reject(str(stopped), requeue=True) from None
     except SoftTimeLimitExceeded:
         limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
         raise RenderTimeout(

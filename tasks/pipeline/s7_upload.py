@@ -8,6 +8,7 @@ retry) with Celery's countdown: the normal path finds the MP4 in the spool and r
 if the retry lands on this host; on another host it renders the video again (same key, same
 bytes). After ``STORAGE_MAX_RETRIES`` the task fails with ``StorageUnavailable``, its
 ``task_failure`` signal sent (metrics, the ``render.failed`` webhook) and its spooled file removed.
+Once the video is stored its spooled copy and its checkpoint (``tasks.pipeline.checkpoints``) go.
 
 A cancel: the render checks before it uploads (``tasks.pipeline.render``), and in buffer mode the
 background thread asks the cancel flag once more right before it starts the upload (the upload may
@@ -39,7 +40,7 @@ from celery.utils.log import get_task_logger
 
 from tasks.cancel import StopPoint
 from tasks.errors import StorageUnavailable
-from tasks.pipeline import resources
+from tasks.pipeline import checkpoints, resources
 from tasks.pipeline.cancelling import cancel_requested, mark_revoked
 from tasks.pipeline.events import render_stored
 from tasks.pipeline.progress import PUBLISHER, StageClock
@@ -59,7 +60,14 @@ def upload(clock: StageClock, key: str, video: SpooledVideo) -> StoredVideo:
     clock.enter("uploading")
     stored = resources.store().put(key, video.path, video.metadata, poster=video.poster, spritesheet=video.spritesheet)
     resources.spool().discard(key)
+    _drop_checkpoint(key)
     return stored
+
+
+def _drop_checkpoint(key: str) -> None:
+    """The video is in storage: its denoising checkpoint is no longer needed."""
+    if get_settings().CHECKPOINT_EVERY_S:
+        checkpoints.discard(resources.store(), key)
 
 
 class BackgroundUploader:
@@ -135,6 +143,7 @@ def hand_over_upload(task: Task, clock: StageClock, key: str, video: SpooledVide
             _upload_failed(task, request, key, exc)
             return
         _discard(key)
+        _drop_checkpoint(key)
         seconds = time.perf_counter() - started
         result["timings"]["uploading"] = round(seconds, 4)
         PUBLISHER.settle(request.id)

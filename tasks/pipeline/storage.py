@@ -2,9 +2,11 @@
 
 One internal client does the I/O against ``MINIO_ENDPOINT``; presigned URLs are signed for
 ``MINIO_PUBLIC_ENDPOINT`` (what clients can reach) by a second client that never connects
-(the region is given, so signing needs no network call). Buckets are created private; with
-``RENDER_RETENTION_DAYS`` their lifecycle rule deletes videos that many days after they were stored.
-Every storage failure becomes ``StorageUnavailable`` naming the endpoint and the operation.
+(the region is given, so signing needs no network call). Buckets are created private, with the
+farm's lifecycle rules (added to the bucket's own, never replacing them): checkpoints left behind
+expire after ``CHECKPOINT_EXPIRY_DAYS``, and with ``RENDER_RETENTION_DAYS`` videos and input
+images that many days after they were stored. Every storage failure becomes ``StorageUnavailable``
+naming the endpoint and the operation.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ if TYPE_CHECKING:
     from minio import Minio
 
 __all__ = [
-    "RETENTION_RULE_ID", "INPUTS_RETENTION_RULE_ID", "StoredVideo", "VideoStore", "poster_key", "spritesheet_key",
-    "stored_metadata",
+    "RETENTION_RULE_ID", "INPUTS_RETENTION_RULE_ID", "CHECKPOINTS_RULE_ID", "CHECKPOINT_EXPIRY_DAYS",
+    "StoredVideo", "VideoStore", "poster_key", "spritesheet_key", "stored_metadata",
 ]  # fmt: skip
 
 log = logging.getLogger("renderfarm.storage")
 RETENTION_RULE_ID = "renderfarm-retention"
 INPUTS_RETENTION_RULE_ID = "renderfarm-retention-inputs"
+CHECKPOINTS_RULE_ID = "renderfarm-checkpoints"
+# A checkpoint is deleted when its video is stored; one left behind (a render that failed for good,
+# was cancelled, or waited in the queue longer than this) expires after a day, S3's shortest rule.
+CHECKPOINT_EXPIRY_DAYS = 1
 
 _META_PREFIX = "x-amz-meta-"
 
@@ -80,7 +86,7 @@ class VideoStore:
         self._retention_days = settings.RENDER_RETENTION_DAYS
 
     def ensure_bucket(self) -> None:
-        """Create the bucket (private: no policy) if it does not exist yet; apply the retention rule."""
+        """Create the bucket (private: no policy) if it does not exist yet; apply the lifecycle rules."""
         if self._bucket_ready:
             return
         from minio.error import S3Error
@@ -92,34 +98,41 @@ class VideoStore:
                 except S3Error as exc:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
-        if self._retention_days:
-            self._apply_retention(self._retention_days)
+        self._apply_lifecycle(self._retention_days)
         self._bucket_ready = True
 
-    def _apply_retention(self, days: int) -> None:
-        """The bucket's lifecycle: videos under KEY_PREFIX, and the conditioning images under
-        INPUT_PREFIX, expire ``days`` after they were stored. A key without the right (compose's
-        workers: minio-init applies it as the bucket's owner) is told once; storing videos goes on."""
+    def _apply_lifecycle(self, days: int) -> None:
+        """The bucket's lifecycle: checkpoints under CHECKPOINT_PREFIX expire after
+        CHECKPOINT_EXPIRY_DAYS; with ``days``, videos under KEY_PREFIX and conditioning images under
+        INPUT_PREFIX expire ``days`` after they were stored. Rules of other IDs are kept. A key
+        without the right (compose's workers: minio-init applies them as the bucket's owner) is
+        told once; storing videos goes on."""
         from minio.commonconfig import ENABLED, Filter
         from minio.error import S3Error
         from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
         from tasks.images import INPUT_PREFIX
         from tasks.keys import KEY_PREFIX
+        from tasks.pipeline.checkpoints import CHECKPOINT_PREFIX
 
-        rules = [
-            Rule(ENABLED, rule_filter=Filter(prefix=prefix), rule_id=rule_id, expiration=Expiration(days=days))
-            for rule_id, prefix in ((RETENTION_RULE_ID, KEY_PREFIX), (INPUTS_RETENTION_RULE_ID, INPUT_PREFIX))
-        ]
-        try:
-            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(rules))
-        except S3Error as exc:
-            if exc.code != "AccessDenied":
-                raise StorageUnavailable(f"could not set the retention rule of bucket {self.bucket!r}: {exc}") from exc
-            log.warning(
-                "RENDER_RETENTION_DAYS=%d: this key may not set bucket %r's lifecycle (%s); its owner must "
-                "(compose's minio-init does)", days, self.bucket, exc.code,
-            )  # fmt: skip
+        wanted = [(CHECKPOINTS_RULE_ID, CHECKPOINT_PREFIX, CHECKPOINT_EXPIRY_DAYS)]
+        if days:
+            wanted += [(RETENTION_RULE_ID, KEY_PREFIX, days), (INPUTS_RETENTION_RULE_ID, INPUT_PREFIX, days)]
+        ours = [Rule(ENABLED, rule_filter=Filter(prefix=prefix), rule_id=rule_id, expiration=Expiration(days=n))
+                for rule_id, prefix, n in wanted]  # fmt: skip
+        with self._errors("set the lifecycle rules"):
+            try:
+                current = self._client.get_bucket_lifecycle(self.bucket)
+                kept = [r for r in (current.rules if current else []) if r.rule_id not in {w[0] for w in wanted}]
+                self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([*kept, *ours]))
+            except S3Error as exc:
+                if exc.code != "AccessDenied":
+                    raise
+                log.warning(
+                    "this key may not set bucket %r's lifecycle rules (%s; RENDER_RETENTION_DAYS=%d, checkpoints "
+                    "expire after %d day): its owner must (compose's minio-init does)", self.bucket, exc.code, days,
+                    CHECKPOINT_EXPIRY_DAYS,
+                )  # fmt: skip
 
     def find(self, key: str) -> StoredVideo | None:
         """The stored video at ``key``, or None if there is none."""
@@ -159,6 +172,20 @@ class VideoStore:
         with self._errors(f"upload {key}"):
             self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
         return True
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Store ``data`` at ``key``, replacing what is there (one PUT: readers see the old or the new)."""
+        import io
+
+        self.ensure_bucket()
+        with self._errors(f"upload {key}"):
+            self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+
+    def remove(self, key: str) -> None:
+        """Delete the object at ``key`` (nothing there is no error)."""
+        self.ensure_bucket()
+        with self._errors(f"delete {key}"):
+            self._client.remove_object(self.bucket, key)
 
     def read_small(self, key: str, max_bytes: int) -> bytes | None:
         """The object at ``key`` if it is at most ``max_bytes`` long (checked before the download);

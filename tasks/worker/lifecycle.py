@@ -20,6 +20,11 @@
   it fails, the process prints a diagnosis and stops the whole worker (exit code 1): it never
   takes tasks it cannot run. A worker that is not a render worker (``tasks.worker.queues``: e.g.
   ``-Q webhooks``) loads no engine.
+- ``worker_shutting_down`` (main process, SIGTERM or SIGINT: Celery's warm shutdown): the shutdown
+  flag every pool child reads at each denoising step is set (``tasks.pipeline.stopping``, armed at
+  ``worker_init`` before the pool forks): a running render stops at its next step, saves a
+  checkpoint and gives its task back to the queue, so the worker exits within seconds instead of
+  waiting for the render to end.
 - ``worker_process_shutdown``: queued background uploads finish, then the engine is released.
 """
 
@@ -41,6 +46,7 @@ from tasks.engines.holder import ENGINE
 from tasks.pipeline import resources
 from tasks.pipeline.render import run
 from tasks.pipeline.s7_upload import UPLOADER
+from tasks.pipeline.stopping import SHUTDOWN
 from tasks.render import use_pipeline
 from tasks.worker import queues, selfcheck
 from tasks.worker.allocator import cuda_allocator, keep_freed_memory
@@ -119,6 +125,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
     _MAIN_PID, _WORKER = os.getpid(), sender
     _FATAL = multiprocessing.RawValue("i", 0)
+    SHUTDOWN.arm()
 
 
 def _on_process_init(**_: Any) -> None:
@@ -163,8 +170,10 @@ def _on_process_shutdown(**_: Any) -> None:
     ENGINE.release()
 
 
-def _on_shutting_down(**_: Any) -> None:
-    # Runs in the main process's signal handler, after a child asked for the cold shutdown.
+def _on_shutting_down(how: str | None = None, **_: Any) -> None:
+    # Runs in the main process's signal handler: a warm shutdown (SIGTERM), or the cold one a child
+    # asked for. Either way the pool children stop at their next denoising step.
+    SHUTDOWN.set()
     if _FATAL is not None and _FATAL.value and _WORKER is not None:
         _WORKER.exitcode = EX_ENGINE_FAILED
 

@@ -17,12 +17,19 @@ Recorded from Celery signals only (the task itself knows nothing of metrics):
 - ``renderfarm_render_retries_total{reason}``: renders sent back to the queue to try again.
 - ``renderfarm_renders_requeued_total{queue,reason}``: renders given back to their queue untouched
   by a process with no engine (``reason="no_engine"``, ``tasks.pipeline.stray``): never a failure,
-  but a worker consumed a render queue it cannot serve.
+  but a worker consumed a render queue it cannot serve; and renders a worker shutting down gave
+  back with a checkpoint (``reason="shutdown"``, the pipeline's ``render_handed_back``).
 - ``renderfarm_render_peak_memory_bytes{source}``: the last render's peak (``cuda`` or ``rss``).
 - ``renderfarm_model_load_seconds{model,engine}`` histogram: one sample per pool child's load.
 - ``renderfarm_webhook_deliveries_total{outcome}``: delivered, retried, failed.
 - ``renderfarm_queue_depth{queue}`` gauge: messages waiting, the autoscaling signal;
   ``renderfarm_broker_up`` is 0 when Redis did not answer the scrape.
+- ``renderfarm_denoising_steps_total``: denoising steps computed (the pipeline's ``denoised``).
+- Checkpoints (the pipeline's ``checkpointed``): ``renderfarm_checkpoints_total{outcome}``
+  (written, skipped, failed), ``renderfarm_checkpoints_ignored_total{reason}`` (mismatch, damaged,
+  unreadable), ``renderfarm_checkpoint_save_seconds`` histogram and ``renderfarm_checkpoint_bytes``
+  (the last one's size), ``renderfarm_render_resumes_total`` and
+  ``renderfarm_denoising_steps_saved_total`` (steps a resume did not compute again).
 """
 
 from __future__ import annotations
@@ -37,20 +44,30 @@ from typing import Any
 from celery import signals
 
 from tasks.engines.holder import ENGINE
-from tasks.pipeline.events import render_cancelled, render_given_back, render_stored
+from tasks.pipeline.events import (
+    checkpointed,
+    denoised,
+    render_cancelled,
+    render_given_back,
+    render_handed_back,
+    render_stored,
+)
 from tasks.worker.queues import serves_renders
 from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
 from worker_config.routing import RENDER_TASK
 from worker_config.settings import get_settings
 
-__all__ = ["install", "outcome_of", "OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
+__all__ = ["install", "outcome_of", "OUTCOMES", "CHECKPOINT_OUTCOMES", "RENDER_TASK", "WEBHOOK_TASK"]
 
 log = logging.getLogger("renderfarm.metrics")
 WEBHOOK_TASK = "tasks.deliver_webhook"
 OUTCOMES = (
     "success", "cached", "invalid", "timeout", "cancelled", "storage", "delivery_limit", "out_of_memory", "error",
 )  # fmt: skip
+CHECKPOINT_OUTCOMES = ("written", "skipped", "failed")
+_IGNORED_REASONS = ("mismatch", "damaged", "unreadable")
+_SAVE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _RENDER_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
@@ -91,12 +108,39 @@ class _Metrics:
         )  # fmt: skip
         self.requeued = Counter(
             "renderfarm_renders_requeued",
-            "Renders given back to their queue untouched by a process that cannot run them (no_engine)",
+            "Renders given back to their queue: untouched by a process that cannot run them (no_engine), or with "
+            "a checkpoint by a worker shutting down (shutdown)",
             ["queue", "reason"],
         )
         self.webhooks = Counter("renderfarm_webhook_deliveries", "Webhook delivery attempts, by outcome", ["outcome"])
+        self.steps = Counter("renderfarm_denoising_steps", "Denoising steps computed", ["model"])
+        self.checkpoints = Counter(
+            "renderfarm_checkpoints", "Checkpoint saves: written, skipped (the last one still saving), failed",
+            ["model", "outcome"],
+        )  # fmt: skip
+        self.ignored = Counter(
+            "renderfarm_checkpoints_ignored", "Checkpoints found but not used, by reason", ["model", "reason"]
+        )
+        self.save_seconds = Histogram(
+            "renderfarm_checkpoint_save_seconds", "Seconds to copy, encode and upload a checkpoint", ["model"],
+            buckets=_SAVE_BUCKETS,
+        )  # fmt: skip
+        self.checkpoint_bytes = Gauge(
+            "renderfarm_checkpoint_bytes", "Size of the last checkpoint written", ["model"],
+            multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.resumes = Counter("renderfarm_render_resumes", "Renders continued from a checkpoint", ["model"])
+        self.steps_saved = Counter(
+            "renderfarm_denoising_steps_saved", "Denoising steps a resume did not compute again", ["model"]
+        )
         for outcome in OUTCOMES if renders else ():  # a render worker's series exist from the first scrape, at 0
             self.renders.labels(model, outcome)
+        for outcome in CHECKPOINT_OUTCOMES if renders else ():
+            self.checkpoints.labels(model, outcome)
+        for reason in _IGNORED_REASONS if renders else ():
+            self.ignored.labels(model, reason)
+        for counter in (self.steps, self.resumes, self.steps_saved) if renders else ():
+            counter.labels(model)
 
 
 class _QueueDepth:
@@ -298,13 +342,18 @@ def _on_given_back(sender: Any = None, queue: str | None = None, reason: str | N
 
 
 def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
-    if state == "REJECTED":  # given back to its queue (tasks.pipeline.stray): no outcome, it runs elsewhere
+    if state == "REJECTED":  # given back to its queue (tasks.pipeline.stray, or a shutdown): it runs elsewhere
         _elapsed(task_id)
         return
     # A render that ended with Ignore (cancelled: counted by render_cancelled; or handed to buffer
     # mode's background upload: counted when stored) is not timed from here on.
     if _M is not None and _task_name(sender) == RENDER_TASK and state == "IGNORED":
         _elapsed(task_id)
+
+
+def _on_handed_back(sender: Any = None, queue: str | None = None, **_: Any) -> None:
+    if _M is not None:
+        _M.requeued.labels(queue or "?", "shutdown").inc()
 
 
 def _on_render_cancelled(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
@@ -321,6 +370,26 @@ def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         _M.renders.labels(_M.model, "cancelled").inc()
 
 
+def _on_denoised(sender: Any = None, steps: int = 0, **_: Any) -> None:
+    if _M is not None:
+        _M.steps.labels(_M.model).inc(steps)
+
+
+def _on_checkpointed(sender: Any = None, outcome: str = "", **info: Any) -> None:
+    if _M is None:
+        return
+    if outcome in CHECKPOINT_OUTCOMES:
+        _M.checkpoints.labels(_M.model, outcome).inc()
+        if outcome == "written":
+            _M.save_seconds.labels(_M.model).observe(float(info.get("seconds") or 0.0))
+            _M.checkpoint_bytes.labels(_M.model).set(float(info.get("nbytes") or 0))
+    elif outcome == "ignored":
+        _M.ignored.labels(_M.model, str(info.get("reason"))).inc()
+    elif outcome == "resumed":
+        _M.resumes.labels(_M.model).inc()
+        _M.steps_saved.labels(_M.model).inc(int(info.get("steps") or 0))
+
+
 def install(app: Any) -> None:
     """Connect the metric hooks; they do nothing unless METRICS_PORT is set in a worker."""
     signals.worker_init.connect(_on_worker_init, weak=False)
@@ -331,7 +400,10 @@ def install(app: Any) -> None:
     signals.task_success.connect(_on_success, weak=False)
     render_stored.connect(_on_render_stored, weak=False)
     render_given_back.connect(_on_given_back, weak=False)
+    render_handed_back.connect(_on_handed_back, weak=False)
     render_cancelled.connect(_on_render_cancelled, weak=False)
+    denoised.connect(_on_denoised, weak=False)
+    checkpointed.connect(_on_checkpointed, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
     signals.task_retry.connect(_on_retry, weak=False)
     signals.task_postrun.connect(_on_postrun, weak=False)
