@@ -22,7 +22,8 @@ install: $(STAMP) $(FV_STAMP)  ## both environments: .venv (torch 2.13.0 CPU) an
 demo: $(STAMP)  ## one real render through the real queue on the CPU, saved under out/
 	$(VENV)/bin/renderfarm demo
 
-test: test-main test-fastvideo  ## the whole suite, in both environments
+test: $(STAMP) $(FV_STAMP)  ## the whole suite, in both environments side by side (scripts/test.sh)
+	bash scripts/test.sh
 
 test-main: $(STAMP)  ## real redis-server, S3 endpoint and celery workers (FastVideo tests skip here)
 	$(PY) -m pytest
