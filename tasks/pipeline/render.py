@@ -100,6 +100,7 @@ def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[s
             video = _video(task, clock, request, spec, key, image)
         except ServedFromStorage as hit:
             log.info("served from storage: %s", key)
+            drop_if_succeeded(task)  # another copy of this task stored it and succeeded since admission
             return result_of(task, hit.video, clock, cached=True)
         if get_settings().WORKER_MODE == "buffer" and task.request.id is not None:
             hand_over_upload(task, clock, key, video)  # the next render starts while this one uploads
