@@ -7,7 +7,8 @@ workers' pool processes are SIGKILLed, workers SIGKILLed and SIGTERMed (and repl
 killed and restarted, storage stopped and started and the namespaced worker's link cut and healed.
 A checker then reads every request's history (``bench.chaos_check``). One table compares the two;
 the reports go to ``bench/results/chaos.json`` and, with ``--write-docs``, the table to
-docs/reliability.md between its ``chaos`` markers (``--table-only`` rebuilds it from the JSON).
+docs/reliability.md between its ``chaos`` markers (``--table-only`` rebuilds it from the JSON,
+``--recheck DIR`` checks the evidence a soak left in its work directory again).
 A benchmark, not a test: it prints figures (``tests/test_chaos.py`` runs a short soak and fails
 on a lost, stuck or twice-completed render). Needs root (network namespaces).
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.chaos_check import check
 from bench.chaos_faults import KINDS
 from bench.chaos_soak import soak
 from bench.stack import machine, replace_section
@@ -66,6 +68,7 @@ _ROWS: list[tuple[str, Callable[[Report], object]]] = [
     ("denoising steps computed / needed, completed renders", _steps),
     ("... of them after the render had completed elsewhere (late copies)", lambda r: r["steps_after_completed"]),
     ("steps a resume did not compute again", lambda r: r["steps_resumes_saved"]),
+    ("resumed deliveries that could save no checkpoint (engine warning)", lambda r: r["resumes_saving_nothing"]),
     ("publishes refused while Redis was down (sent again)", lambda r: r["publishes_refused"]),
     ("checkpoints left in the bucket", lambda r: r["checkpoints_left"]),
 ]
@@ -109,16 +112,27 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=float, default=1.0, help="CHECKPOINT_EVERY_S when on (default 1)")
     parser.add_argument("--mean-gap", type=float, default=20.0, help="mean seconds between faults (default 20)")
     parser.add_argument("--stuck-after", type=float, default=180.0, help="stuck: not final this long after healing")
+    parser.add_argument("--only", choices=("on", "off"), help=f"run one soak, replacing its column in {RESULTS.name}")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/reliability.md")
     parser.add_argument("--table-only", action="store_true", help=f"no soak: the table from {RESULTS.name}")
+    parser.add_argument("--recheck", type=Path, metavar="DIR",
+                        help="no soak: check the evidence a soak left in DIR again (a changed checker)")  # fmt: skip
     args = parser.parse_args()
 
-    if args.table_only:
+    if args.table_only or args.recheck:
         saved = json.loads(RESULTS.read_text())
+        for report in saved["reports"] if args.recheck else ():
+            report.update(check(json.loads((args.recheck / report["label"] / "evidence.json").read_text())))
+        if args.recheck:
+            RESULTS.write_text(json.dumps(saved, indent=1, default=str) + "\n")
     else:
         workdir = Path(tempfile.mkdtemp(prefix="renderfarm-chaos-"))
         reports = [soak(workdir, label, every, args.duration, args.seed, args.mean_gap, args.stuck_after)
-                   for label, every in (("on", args.checkpoint_every), ("off", 0.0))]  # fmt: skip
+                   for label, every in (("on", args.checkpoint_every), ("off", 0.0))
+                   if args.only in (None, label)]  # fmt: skip
+        if args.only:  # the other column from the last run
+            kept = [r for r in json.loads(RESULTS.read_text())["reports"] if r["label"] != args.only]
+            reports = sorted(kept + reports, key=lambda r: r["label"] != "on")
         saved = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "args": vars(args), "reports": reports}
         RESULTS.write_text(json.dumps(saved, indent=1, default=str) + "\n")
         print(f"reports: {RESULTS} (worker logs under {workdir})")

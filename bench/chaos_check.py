@@ -30,9 +30,11 @@ Definitions:
 - **steps**: computed = the denoising steps the engine reported in every delivery; needed = the
   steps of the completed renders.
 - **recovery** of a fault: the renders in a delivery on the worker it hit (every worker, for
-  Redis and storage) at that moment; for each, seconds from the fault to its next denoising step
-  on any worker ("denoising again": a render that was not stopped goes on at once) and to its
-  completion.
+  Redis and storage) at that moment, not completed already; for each, seconds from the fault to
+  its next denoising step ("denoising again") and to its completion. For the faults that end the
+  delivery (``pool_kill``, ``worker_kill``, ``worker_term``) the next step is one of a delivery
+  that began after the fault; for the others (Redis, storage, the network) any delivery's: a render
+  that was not stopped goes on at once, and its cost shows in the time to completion.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Delivery:
     state: str | None = None
     farm_steps: int | None = None  # the farm's own per-delivery count, where it wrote one
     dropped: bool = False  # the farm's "already succeeded ... dropped" line
+    uncheckpointed: bool = False  # the engine's "no checkpoints for this render" warning
 
     @property
     def computed(self) -> int:
@@ -104,12 +107,16 @@ def parse_log(incarnation: str, text: str) -> tuple[list[Delivery], Counter[str]
             continue
         if (done := _SUCCEEDED.search(line)) is not None:
             succeeded[done["task"]] += 1
-        if (tagged := _TAGGED.search(line)) is None or tagged["logger"] != "tasks.render":
+        if (tagged := _TAGGED.search(line)) is None:
             continue
         owner = next((d for d in reversed(deliveries) if d.task == tagged["task"] and d.end is None), None)
         if owner is None:
             continue
-        if (counted := _DENOISED.match(tagged["msg"])) is not None:
+        if tagged["msg"].startswith("no checkpoints for this render"):
+            owner.uncheckpointed = True
+        elif tagged["logger"] != "tasks.render":
+            continue
+        elif (counted := _DENOISED.match(tagged["msg"])) is not None:
             owner.farm_steps = int(counted["n"])
         elif "already succeeded on" in tagged["msg"] and "this copy is dropped" in tagged["msg"]:
             owner.dropped = True
@@ -134,7 +141,7 @@ def _spread(values: list[float]) -> dict[str, float | int | None]:
 def check(evidence: dict[str, Any]) -> dict[str, Any]:
     """Counts, steps and recovery times of one soak (see the module's docstring for each definition)."""
     requests: dict[str, dict[str, Any]] = evidence["requests"]
-    faults: list[dict[str, Any]] = evidence["faults"]
+    faults: list[dict[str, Any]] = [dict(f) for f in evidence["faults"]]
     deliveries: list[Delivery] = []
     succeeded: Counter[str] = Counter()
     for name, text in evidence["logs"].items():
@@ -178,8 +185,9 @@ def check(evidence: dict[str, Any]) -> dict[str, Any]:
             and done_at.get(d.task, float("inf")) > t
         })  # fmt: skip
         fault["affected"] = affected
-        for task_id in affected:
-            later = [when for d in by_task[task_id] for _, when in d.steps if when > t]
+        for task_id in affected:  # a fault that ends deliveries: the next one's steps; otherwise any
+            later = [when for d in by_task[task_id] for _, when in d.steps
+                     if when > t and (fault["kind"] not in _KILLING or d.start > t)]  # fmt: skip
             done = [d.end for d in by_task[task_id] if d.state == "SUCCESS" and d.end is not None and d.end > t]
             if later:
                 recovery[fault["kind"]]["denoising"].append(min(later) - t)
@@ -211,6 +219,7 @@ def check(evidence: dict[str, Any]) -> dict[str, Any]:
         "deliveries": len(deliveries),
         "hand_backs": sum(d.state == "REJECTED" for d in deliveries),
         "resumes": sum(d.resumed_from > 0 for d in deliveries),
+        "resumes_saving_nothing": sum(d.resumed_from > 0 and d.uncheckpointed for d in deliveries),
         "steps_resumes_saved": sum(d.resumed_from for d in deliveries),
         "steps_needed": sum(steps_of[t] for t in completed),
         "steps_computed_for_completed": computed_completed,
@@ -221,6 +230,7 @@ def check(evidence: dict[str, Any]) -> dict[str, Any]:
         "publishes_refused": sum(r["publish_errors"] for r in requests.values()),
         "farm_step_lines_disagreeing": len(farm_disagrees),
         "metrics_disagreeing": metrics_disagree,
+        "faults": faults,  # each with the renders it affected
         "faults_by_kind": dict(Counter(f["kind"] for f in faults)),
         "faults_mid_denoising": sum(bool(f.get("mid_denoising")) for f in faults),
         "recovery_s": {kind: {k: _spread(v) for k, v in r.items()} for kind, r in sorted(recovery.items())},

@@ -1,7 +1,9 @@
 """The chaos soak's farm: Redis, storage behind a switch, workers in slots, and an orchestrator.
 
 - Redis: a real ``redis-server`` with its fsync'ed append-only file (``RedisServer(persistent=True)``),
-  so it can be killed and started again on the same port, as docker compose runs it.
+  so it can be killed and started again on the same port, as docker compose runs it. That port and
+  the storage's are below the kernel's ephemeral range (``steady_port``): on a machine shared with
+  other test runs, a port given up for a few seconds was taken by another process before.
 - Storage: moto's S3 endpoint behind ``StorageSwitch``, a TCP proxy that can be stopped (its port
   refuses connections and the open ones are reset) and started again on the same port: the
   storage goes away without losing its data.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import threading
 import time
@@ -27,11 +30,26 @@ from typing import Any
 
 from renderfarm.localstack import RedisServer, S3Server, WorkerProcess, free_port, relay
 
-__all__ = ["Farm", "Incarnation", "StorageSwitch", "LEASE", "BUCKET"]
+__all__ = ["Farm", "Incarnation", "StorageSwitch", "LEASE", "BUCKET", "steady_port"]
 
 # Short leases, as the reliability tests use: a dead node's task moves on within seconds.
 LEASE = {"VISIBILITY_TIMEOUT_S": "6", "LEASE_RENEW_S": "2"}
 BUCKET = "chaos"
+
+
+def steady_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: no other process's ``bind(0)`` or
+    outgoing connection takes it while a server that listens there is down (Redis, the storage)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port below {low}")
 
 
 class StorageSwitch:
@@ -39,7 +57,7 @@ class StorageSwitch:
 
     def __init__(self, upstream_port: int) -> None:
         self._upstream = ("127.0.0.1", upstream_port)
-        self.port = free_port()
+        self.port = steady_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -114,13 +132,21 @@ class Farm:
         from tests.netns import BadNetwork
 
         self.workdir = workdir
-        (workdir / "redis").mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer(workdir / "redis", persistent=True)
-        self.s3 = S3Server()
-        self.storage = StorageSwitch(self.s3.port)
-        self.network = BadNetwork(loss_percent=0).__enter__()
-        self._redis_far = self.network.proxy(self.redis.port, delay_s=0.0, jitter_s=0.0)
-        self._storage_far = self.network.proxy(self.storage.port, delay_s=0.0, jitter_s=0.0)
+        self._services = contextlib.ExitStack()  # stopped in reverse order, also if one fails to start
+        try:
+            (workdir / "redis").mkdir(parents=True, exist_ok=True)
+            self.redis = RedisServer(workdir / "redis", port=steady_port(), persistent=True)
+            self._services.callback(self.redis.stop)
+            self.s3 = S3Server()
+            self._services.callback(self.s3.stop)
+            self.storage = StorageSwitch(self.s3.port)
+            self._services.callback(self.storage.stop)
+            self.network = self._services.enter_context(BadNetwork(loss_percent=0))
+            self._redis_far = self.network.proxy(self.redis.port, delay_s=0.0, jitter_s=0.0)
+            self._storage_far = self.network.proxy(self.storage.port, delay_s=0.0, jitter_s=0.0)
+        except BaseException:
+            self._services.close()
+            raise
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
         env.update(
             REDIS_URL=self.redis.url, MINIO_ENDPOINT=self.storage.endpoint, MINIO_ACCESS_KEY="chaos",
@@ -205,10 +231,7 @@ class Farm:
             if incarnation.exited is None:
                 incarnation.process.stop()
                 incarnation.exited, incarnation.exit_code = time.time(), incarnation.process.proc.returncode
-        self.network.__exit__(None, None, None)
-        self.storage.stop()
-        self.s3.stop()
-        self.redis.stop()
+        self._services.close()
 
 
 def _ready(process: WorkerProcess) -> bool:

@@ -70,10 +70,11 @@ def soak(
     report = check(evidence)
     report.update(
         label=label, checkpoint_every_s=checkpoint_every_s, duration_s=duration_s, seed=seed, workers=len(farm.slots),
-        stuck_after_s=stuck_after_s, drain_s=round(drained - healed, 1), verified=verified, faults=evidence["faults"],
+        stuck_after_s=stuck_after_s, drain_s=round(drained - healed, 1), verified=verified,
         checkpoints_left=evidence["checkpoints_left"],
         incarnations=[i.as_dict() for i in farm.incarnations],
     )  # fmt: skip
+    (workdir / label / "report.json").write_text(json.dumps(report, indent=1, default=str))
     say(f"[{label}] {summary(report)}")
     return report
 
