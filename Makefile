@@ -65,7 +65,7 @@ chaos: $(STAMP)  ## chaos soak (needs root): DURATION s of faults with checkpoin
 gpu-bundle: $(STAMP)  ## here, with network: what gpu-smoke needs on a GPU machine without it, in .gpu-bundle/ (< 64 MiB with the source)
 	$(PY) -m bench.gpu_bundle
 
-gpu-smoke:  ## on a GPU machine: install .gpu-bundle/ offline, then the smoke check (Wan2.1-1.3B shapes; docs/gpu.md)
+gpu-smoke:  ## on a GPU machine: install .gpu-bundle/ offline, then the smoke check (Wan2.1-1.3B shapes; a time limit per row; docs/gpu.md)
 	bash scripts/gpu-smoke.sh $(ARGS)
 
 gpu-smoke-cpu: $(FV_STAMP)  ## the same check on the CPU, on tiny shapes (CI runs it: tests/test_fastvideo_gpu_smoke.py)

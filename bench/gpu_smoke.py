@@ -24,6 +24,12 @@
 5. Prints one table, and writes it with the raw figures under ``--out`` (``table.md``,
    ``results.json``); ``--write-docs`` also puts it in docs/gpu.md with the date and hardware.
 
+Each row runs in a process of its own under a time limit (``--row-timeout``; ``bench.smoke_rows``):
+a row that hangs is killed with everything it started, reported "timed out after N s", and the
+next row runs. ``--budget`` bounds the whole run, so that the table is always written inside a lent
+GPU's command limit: a row the budget leaves no time for is reported "not run". The defaults fit
+a lent GPU (docs/gpu.md): 240 s a row and 540 s in all on CUDA; 300 s and 1200 s on the CPU.
+
 Exit status 0 when every row that ran did what it should, 1 otherwise.
 """
 
@@ -46,6 +52,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.smoke_rows import run_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("validating", "encoding_prompt", "denoising", "decoding", "encoding", "uploading")
@@ -86,6 +94,9 @@ CHECKPOINT_ROW = "checkpoint"
 # The denoising state of a Wan UniPC render between two steps, by the latent shape of real renders
 # (float32 latents; UniPC of order 2 keeps two model outputs and the last sample beside them).
 REAL_STATES = {"Wan2.1-1.3B 480x832x81": (1, 16, 21, 60, 104), "Wan2.2-TI2V-5B 704x1280x121": (1, 48, 31, 44, 80)}
+# Per device: seconds a row may take, and the whole run (checkpoint and table included).
+ROW_TIMEOUT_S = {"cuda": 240.0, "cpu": 300.0}
+BUDGET_S = {"cuda": 540.0, "cpu": 1200.0}
 PROMPT = "a red car on a city street at night"
 
 
@@ -124,11 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/renderfarm-gpu-smoke"), help="checkpoint, logs")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "gpu-smoke")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/gpu.md")
+    parser.add_argument(
+        "--row-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds a row may take before it is killed (default: {ROW_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--budget", type=float, metavar="S", help=f"seconds for the whole run; 0 = no limit (default: {BUDGET_S})"
+    )
     parser.add_argument("--direct", help=argparse.SUPPRESS)  # one row's direct call, in a process of its own
+    parser.add_argument("--row", nargs=3, metavar=("NAME", "JOB", "RECORD"), help=argparse.SUPPRESS)  # one row
     args = parser.parse_args(argv)
     if args.direct:
         direct(json.loads(args.direct))
         return 0
+    if args.row:
+        return run_one(args.row[0], json.loads(args.row[1]), Path(args.row[2]))
     rows = [name.strip() for name in args.rows.split(",") if name.strip()]
     if unknown := set(rows) - {*ROWS, OOM_ROW, CHECKPOINT_ROW}:
         parser.error(f"unknown rows {sorted(unknown)}; allowed: {', '.join([*ROWS, OOM_ROW, CHECKPOINT_ROW])}")
@@ -146,32 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         request.update(zip(("width", "height", "num_frames"), map(int, args.size.split("x")), strict=True))
     shapes = args.shapes or DEFAULT_SHAPES[args.device]
     started = time.perf_counter()
+    row_timeout = args.row_timeout or ROW_TIMEOUT_S[args.device]
+    budget = BUDGET_S[args.device] if args.budget is None else args.budget
+    deadline = time.monotonic() + budget - 10 if budget else None  # 10 s kept for the table
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     about = describe_machine(args.device)
-    print(f"machine: {about}", flush=True)
-    results: list[Row] = []
+    print(f"machine: {about}; each row at most {row_timeout:.0f} s, the run {f'{budget:.0f} s' if budget else 'unbounded'}",
+          flush=True)  # fmt: skip
     with stack(args.work, args.device) as st:  # first: importing ``tasks`` reads the broker's address
         model, build_s = checkpoint(shapes, args.device, args.work)
         print(f"checkpoint: {model} ({SHAPES[shapes][0]}), built in {build_s:.1f}s", flush=True)
         st.use_model(model)
-        for name in rows:
-            row = Row(name)
-            results.append(row)
-            try:
-                if name == OOM_ROW:
-                    out_of_memory(st, row, request, oversized, args)
-                elif name == CHECKPOINT_ROW:
-                    checkpoint_row(st, row, request, next((r for r in results if r.name == "diffusers" and r.ok), None))
-                elif name == "fastvideo-ray" and importlib.util.find_spec("ray") is None:
-                    row.outcome = "not run: ray is not installed (its 79 MB wheel does not fit the 64 MiB bundle)"
-                    row.ok = True
-                else:
-                    render_row(st, row, request, not args.no_direct)
-            except Exception as exc:  # noqa: BLE001 - one failed row is reported, the next still runs
-                row.ok, row.outcome = False, f"FAILED: {type(exc).__name__}: {str(exc)[:300]}"
-                traceback.print_exc()
-            print(f"{name}: {row.outcome}", flush=True)
+
+        def command_for(name: str, record: Path) -> list[str]:
+            job = {"request": request, "oversized": oversized, "device": args.device, "work": str(args.work),
+                   "env": st.base_env, "seed": 7000 + 100 * rows.index(name), "direct": not args.no_direct,
+                   "oom_free_mb": args.oom_free_mb}  # fmt: skip
+            return [sys.executable, "-m", "bench.gpu_smoke", "--row", name, json.dumps(job), str(record)]
+
+        def cleared(name: str) -> None:  # a killed row's queued or unacknowledged renders must not reach the next
+            st.bench.redis.client.flushall()
+
+        records = run_rows(rows, command_for, args.work / "rows", row_timeout, deadline, cleared,
+                           lambda name, record: print(f"{name}: {record['outcome']}", flush=True), cwd=ROOT)  # fmt: skip
+    results = [Row(**{k: v for k, v in record.items() if k in Row.__dataclass_fields__}) for record in records]
     table = render_table(results, about, shapes, build_s, request, oversized, time.perf_counter() - started)
     print(table, flush=True)
     (args.out / "table.md").write_text(table)
@@ -226,20 +248,15 @@ def checkpoint(shapes: str, device: str, work: Path) -> tuple[str, float]:
 
 
 class Stack:
-    """Redis, S3 and the settings every worker of this run shares."""
+    """Redis, S3 and the settings every worker of this run shares (in the run's own process)."""
 
-    def __init__(self, work: Path, device: str, bench_stack: Any) -> None:
-        self.work, self.device, self.bench = work, device, bench_stack
+    def __init__(self, bench_stack: Any, device: str) -> None:
+        self.bench = bench_stack
         self.base_env = {"DEVICE": device, "WORKER_MAX_TASKS_PER_CHILD": "0", "HF_HUB_OFFLINE": "1"}
-        self._seed = 7000
 
     def use_model(self, model: str) -> None:
         self.base_env["MODEL_ID"] = model
         os.environ.update(self.base_env)
-
-    def seed(self) -> int:
-        self._seed += 1
-        return self._seed
 
 
 @contextlib.contextmanager
@@ -247,38 +264,89 @@ def stack(work: Path, device: str) -> Iterator[Stack]:
     from bench.stack import local_stack
 
     with local_stack(model_cache=work / "cache") as bench_stack:
-        yield Stack(work, device, bench_stack)
+        yield Stack(bench_stack, device)
 
 
-def render_row(st: Stack, row: Row, request: dict[str, Any], direct: bool) -> None:
-    env = {**st.base_env, **ROWS[row.name]}
+class RowRun:
+    """One row, in the process ``run_rows`` started for it: where it writes, and its record so far."""
+
+    def __init__(self, row: Row, job: dict[str, Any], record: Path) -> None:
+        self.row, self.job, self.record = row, job, record
+        self.work, self.device, self.base_env = Path(job["work"]), job["device"], job["env"]
+        self._seed = int(job["seed"])
+
+    def seed(self) -> int:
+        self._seed += 1
+        return self._seed
+
+    def doing(self, what: str) -> None:
+        """Write the record with what the row is doing now (what a timed-out row's report names)."""
+        self.row.outcome = what
+        self.save()
+
+    def save(self) -> None:
+        part = self.record.with_name(self.record.name + ".part")
+        part.write_text(json.dumps(asdict(self.row)))
+        part.rename(self.record)  # whole or not at all: the row may be killed at any moment
+
+
+def run_one(name: str, job: dict[str, Any], record: Path) -> int:
+    """``--row``: one row, in this process (``run_rows`` kills it and what it started when its time is up)."""
+    run = RowRun(Row(name), job, record)
+    row = run.row
+    try:
+        if name == OOM_ROW:
+            out_of_memory(run, job["request"], job["oversized"], job["oom_free_mb"])
+        elif name == CHECKPOINT_ROW:
+            checkpoint_row(run, job["request"])
+        elif name == "fastvideo-ray" and importlib.util.find_spec("ray") is None:
+            row.outcome = "not run: ray is not installed (its 79 MB wheel does not fit the 64 MiB bundle)"
+            row.ok = True
+        else:
+            render_row(run, job["request"], job["direct"])
+    except Exception as exc:  # noqa: BLE001 - one failed row is reported, the next still runs
+        row.ok, row.outcome = False, f"FAILED: {type(exc).__name__}: {str(exc)[:300]}"
+        traceback.print_exc()
+    run.save()
+    return 0
+
+
+def render_row(run: RowRun, request: dict[str, Any], direct: bool) -> None:
+    row = run.row
+    env = {**run.base_env, **ROWS[row.name]}
     if direct:  # first, so the worker's model and this process's are never in memory at once
-        row.direct_s = direct_call(env, request, st.seed)
-    with worker(st, row, env):
-        send(request, st.seed())  # warm-up: kernels, allocator pools, first-use imports
+        run.doing("the direct call (its own process: load, then two renders)")
+        row.direct_s = direct_call(env, request, run.seed)
+    with worker(run, env):
+        run.doing("the warm-up render through the queue")
+        send(request, run.seed())  # warm-up: kernels, allocator pools, first-use imports
+        run.doing("the timed render through the queue")
         began = time.perf_counter()
-        result = send(request, st.seed())
+        result = send(request, run.seed())
         row.end_to_end_s = time.perf_counter() - began
         take_result(row, result)
         row.ok, row.outcome = True, "rendered"
-        if row.name.startswith("fastvideo-mp") and st.device == "cuda" and "cuda tensor" not in row.hand_over:
+        if row.name.startswith("fastvideo-mp") and run.device == "cuda" and "cuda tensor" not in row.hand_over:
             row.ok, row.outcome = False, f"rendered, but the start-up check did not pass a CUDA tensor: {row.hand_over}"
 
 
-def out_of_memory(st: Stack, row: Row, request: dict[str, Any], oversized: dict[str, Any], args: Any) -> None:
+def out_of_memory(run: RowRun, request: dict[str, Any], oversized: dict[str, Any], oom_free_mb: int) -> None:
     """FastVideo's mp worker, an oversized request while memory is short, then a render that fits."""
     import psutil
 
-    env = {**st.base_env, **ROWS["fastvideo-mp"]}
-    with worker(st, row, env) as proc:
-        send(request, st.seed())  # warm: the allocator holds what a normal render needs
+    row = run.row
+    env = {**run.base_env, **ROWS["fastvideo-mp"]}
+    with worker(run, env) as proc:
+        run.doing("the warm-up render through the queue")
+        send(request, run.seed())  # warm: the allocator holds what a normal render needs
         [child] = psutil.Process(proc.proc.pid).children()
         [model_proc] = [p for p in child.children() if "multiprocessing.spawn" in " ".join(p.cmdline())
                         and "resource_tracker" not in " ".join(p.cmdline())]  # fmt: skip
         began = time.perf_counter()
-        with short_of_memory(st.device, model_proc, args.oom_free_mb) as how:
+        run.doing("the oversized render, short of memory")
+        with short_of_memory(run.device, model_proc, oom_free_mb) as how:
             try:
-                send(oversized, st.seed())
+                send(oversized, run.seed())
                 ending = "succeeded on its one more try" if "trying once more" in proc.log else "did not run out"
             except Exception as exc:  # the expected ending is an error
                 if type(exc).__name__ != "RenderOutOfMemory":
@@ -286,7 +354,8 @@ def out_of_memory(st: Stack, row: Row, request: dict[str, Any], oversized: dict[
                 ending = f"RenderOutOfMemory ({str(exc).split(': ask for')[0][:160]})"
         row.end_to_end_s = time.perf_counter() - began
         retries = proc.log.count("freeing memory and trying once more")
-        after = send(request, st.seed())
+        run.doing("the render after the out-of-memory one")
+        after = send(request, run.seed())
         same = after["worker_pid"] == child.pid and model_proc.is_running() and proc.log.count("engine loaded") == 1
         lost = "WorkerLostError" in proc.log or "SIGQUIT" in proc.log
         row.ok = ending != "did not run out" and retries == 1 and same and not lost
@@ -300,14 +369,17 @@ _SAVED = re.compile(
 )
 
 
-def checkpoint_row(st: Stack, row: Row, request: dict[str, Any], baseline: Row | None) -> None:
+def checkpoint_row(run: RowRun, request: dict[str, Any]) -> None:
     """The diffusers worker saving after every step it may; then the real shapes' state saved from here."""
-    env = {**st.base_env, **ROWS["diffusers"], "CHECKPOINT_EVERY_S": "0.001"}
-    with worker(st, row, env) as proc:
-        send(request, st.seed())  # warm-up
+    row = run.row
+    env = {**run.base_env, **ROWS["diffusers"], "CHECKPOINT_EVERY_S": "0.001"}
+    with worker(run, env) as proc:
+        run.doing("the warm-up render through the queue")
+        send(request, run.seed())
         since = len(proc.log)
+        run.doing("the timed render through the queue, a checkpoint after every step it may")
         began = time.perf_counter()
-        result = send(request, st.seed())
+        result = send(request, run.seed())
         row.end_to_end_s = time.perf_counter() - began
         take_result(row, result)
         log = proc.log[since:]
@@ -319,11 +391,14 @@ def checkpoint_row(st: Stack, row: Row, request: dict[str, Any], baseline: Row |
         med = [statistics.median(column) for column in zip(*saves, strict=True)]
         parts.append(f"{len(saves)} saves of {med[0]:.1f} MB, {med[1]:.2f} s each in the background (to host "
                      f"{med[2]:.3f}, encoding {med[3]:.3f}, upload {med[4]:.3f}), {skipped} skipped")  # fmt: skip
-    if baseline is not None and "denoising" in baseline.stages and "denoising" in row.stages:
-        delta = (row.stages["denoising"] - baseline.stages["denoising"]) / steps
+    baseline = run.record.with_name("diffusers.json")  # the diffusers row's record: its renders save none
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        before = json.loads(baseline.read_text())["stages"]["denoising"]
+        delta = (row.stages["denoising"] - before) / steps
         parts.append(f"denoising {delta:+.3f} s a step against the diffusers row (no saves)")
     for name, shape in REAL_STATES.items():
-        parts.append(f"{name}: {real_state_save(shape, st.device)}")
+        run.doing(f"saving the state of {name} from this process")
+        parts.append(f"{name}: {real_state_save(shape, run.device)}")
     row.ok = bool(saves)
     row.outcome = "; ".join(parts) if saves else f"no checkpoint saved: {'; '.join(parts)}"
 
@@ -400,8 +475,14 @@ sys.stdin.read()
 
 
 @contextlib.contextmanager
-def worker(st: Stack, row: Row, env: dict[str, str]) -> Iterator[Any]:
-    proc = st.bench.worker(row.name, wait=False, **env)
+def worker(run: RowRun, env: dict[str, str]) -> Iterator[Any]:
+    """The row's worker, its log written live to ``--work``/<row>.log (kept when the row is killed)."""
+    from renderfarm.localstack import WorkerProcess
+
+    row = run.row
+    run.doing("starting the worker (the engine loads)")
+    proc = WorkerProcess(row.name, {**os.environ, **env}, run.work / f"{row.name}.log",
+                         ("--without-mingle", "--without-gossip"))  # fmt: skip
     try:
         proc.wait_ready(900)
         log = proc.log
@@ -416,7 +497,6 @@ def worker(st: Stack, row: Row, env: dict[str, str]) -> Iterator[Any]:
         yield proc
     finally:
         proc.stop(120)
-        (st.work / f"{row.name}.log").write_text(proc.log)
 
 
 def send(request: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -499,8 +579,9 @@ def render_table(
         steps = request["num_inference_steps"]
         denoise = f"{f(s.get('denoising'))} ({f(s['denoising'] / steps, 3)})" if "denoising" in s else ""
         peak = f"{f(r.peak_memory_mb, 0)} ({r.memory_source})" if r.peak_memory_mb is not None else ""
+        ok = ("skipped" if r.ok else "NO") if r.outcome.startswith("not run") else "yes" if r.ok else "NO"
         lines.append(
-            f"| {r.name} | {'skipped' if r.outcome.startswith('not run') else 'yes' if r.ok else 'NO'} | {f(r.load_s, 1)} | {f(s.get('encoding_prompt'))} | {denoise} "
+            f"| {r.name} | {ok} | {f(r.load_s, 1)} | {f(s.get('encoding_prompt'))} | {denoise} "
             f"| {f(s.get('decoding'))} | {f(s.get('encoding'))} | {f(s.get('uploading'))} | {f(s.get('total'))} "
             f"| {f(r.end_to_end_s)} | {f(r.direct_s)} | {f(r.overhead_s)} | {peak} | {r.allocator} | {r.hand_over} | {r.outcome} |"
         )

@@ -25,6 +25,27 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _redis_trouble(exc: BaseException, auth_only: bool = False) -> str | None:
+    """One line when ``exc`` is a failure to use Redis (a refused password named as such; an outage
+    that outlasted the retries), None when it is anything else (a render's own error). With
+    ``auth_only``, only a refused password."""
+    import redis
+    from celery.exceptions import BackendError
+    from kombu.exceptions import OperationalError
+
+    from worker_config.redis_link import RedisAuthError, auth_error, explain, redacted
+    from worker_config.settings import get_broker_settings
+
+    url = get_broker_settings().REDIS_URL
+    if auth_error(exc) is not None:
+        return explain(url, exc)
+    if auth_only:
+        return None
+    if isinstance(exc, RedisAuthError | redis.RedisError | BackendError | OperationalError | ConnectionError):
+        return f"could not use Redis at REDIS_URL ({redacted(url)}): {type(exc).__name__}: {exc}"
+    return None
+
+
 Height = Annotated[int | None, typer.Option(help="Frame height in pixels (multiple of 16).")]
 Width = Annotated[int | None, typer.Option(help="Frame width in pixels (multiple of 16).")]
 Frames = Annotated[int | None, typer.Option("--frames", help="Number of frames (4k+1).")]
@@ -95,7 +116,7 @@ def submit(
         typer.Option(help="First frame, for models that take an image: a local file (sent inline) or s3://bucket/key."),
     ] = None,
 ) -> None:
-    """Send a render to the queue (REDIS_URL); print its task id, or with --wait its result."""
+    """Send a render to the queue (REDIS_URL); print its task id (with --wait on stderr, then the result)."""
     from tasks import InvalidRequest, render
     from tasks.images import data_url
     from tasks.schemas import parse_request
@@ -115,10 +136,13 @@ def submit(
     except InvalidRequest as exc:
         _fail(str(exc), 2)
     except Exception as exc:  # noqa: BLE001
-        _fail(f"could not reach the broker at REDIS_URL: {exc}")
+        _fail(_redis_trouble(exc) or f"could not reach the broker at REDIS_URL: {exc}")
     if not wait:
         typer.echo(async_result.id)
         return
+    # stdout keeps only the result (JSON); the id goes to stderr first, terminal or not, so a render
+    # that outlives this command can be found again (`renderfarm status`, `result`, `cancel`).
+    console.print(f"task id: {async_result.id}", highlight=False)
     _wait_and_print(async_result, timeout, save)
 
 
@@ -129,7 +153,9 @@ def _wait_and_print(async_result: Any, timeout: float, save: Path | None) -> Non
         result = wait_for_render(async_result, timeout=timeout)
     except TimeoutError as exc:
         _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the task's own error, one line
+    except Exception as exc:  # noqa: BLE001 - Redis's trouble, or the task's own error: one line
+        if (trouble := _redis_trouble(exc)) is not None:  # not the render's fault: it may have succeeded
+            _fail(f"could not read the outcome of render {async_result.id}: {trouble}")
         _fail(f"render {async_result.id} failed: {type(exc).__name__}: {exc}")
     if save is not None:
         _download(result["url"], save)
@@ -152,23 +178,39 @@ def status(task_id: str) -> None:
     from tasks import app as celery_app
 
     result = celery_app.AsyncResult(task_id)
-    info = result.info if isinstance(result.info, dict) else ({"error": str(result.info)} if result.info else {})
-    typer.echo(
-        json.dumps({"id": task_id, "state": result.state, "progress": describe(result.state, info), "info": info})
-    )
+    try:
+        state, info = result.state, result.info
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        _fail(_redis_trouble(exc) or f"could not read render {task_id}: {type(exc).__name__}: {exc}")
+    info = info if isinstance(info, dict) else ({"error": str(info)} if info else {})
+    typer.echo(json.dumps({"id": task_id, "state": state, "progress": describe(state, info), "info": info}))
+
+
+# What `renderfarm cancel` exits with, per outcome (tasks.cancel.Outcome).
+_CANCEL_EXIT = {"stopped": 0, "queued": 0, "revoked": 0, "finished": 3, "failed": 3, "unknown": 4, "running": 5}
 
 
 @app.command()
-def cancel(task_id: str) -> None:
-    """Cancel a render: a queued one never starts, a running one stops at its next step."""
+def cancel(
+    task_id: str,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a running render to stop.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON.")] = False,
+) -> None:
+    """Cancel a render and say what came of it: stopped (where), still queued (discarded when a worker
+    receives it), still running after --wait, already finished, failed or cancelled, or unknown.
+
+    Exit code: 0 stopped, queued or cancelled before; 3 it had finished or failed (nothing to
+    cancel); 4 no such render; 5 still running after --wait (the cancel stands); 1 Redis unusable.
+    """
     from tasks import app as celery_app
-    from tasks.cancel import cancel as request_cancel
+    from tasks.cancel import cancel as cancel_render
 
     try:
-        request_cancel(task_id, celery_app)
+        outcome = cancel_render(task_id, celery_app, wait_s=wait)
     except Exception as exc:  # noqa: BLE001
-        _fail(f"could not reach the broker at REDIS_URL: {exc}")
-    console.print(f"cancel requested for {task_id}")
+        _fail(_redis_trouble(exc) or f"could not cancel {task_id}: {type(exc).__name__}: {exc}")
+    typer.echo(json.dumps(outcome.as_dict()) if as_json else outcome.message())
+    raise typer.Exit(_CANCEL_EXIT[outcome.outcome.value])
 
 
 @app.command()
@@ -188,8 +230,8 @@ def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for answers.")] = 2.0,
 ) -> None:
-    """Which workers are up, the model each serves and what each is doing."""
-    from renderfarm.fleet import survey
+    """Which workers are up, what each consumes, the model each serves and what each is doing."""
+    from renderfarm.fleet import clashes, survey
     from tasks import app as celery_app
 
     celery_app.conf.broker_connection_retry = False
@@ -197,7 +239,14 @@ def workers(
     try:
         found = survey(celery_app, timeout)
     except Exception as exc:  # noqa: BLE001
-        _fail(f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}")
+        _fail(
+            _redis_trouble(exc, auth_only=True)
+            or f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}"
+        )
+    for name in clashes(found):
+        console.print(f"[bold red]warning:[/] several workers answer as {name}: each hides the others here and "
+                      "shares its health folder; give each its own name (renderfarm worker --name, celery -n)",
+                      soft_wrap=True)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(found, indent=2))
         return
@@ -209,8 +258,8 @@ def workers(
     table = Table("worker", "model", "engine", "queues", "status", "doing", "done")
     for w in found:
         doing = "; ".join(f"{r['id'][:8]} {r['progress']} {r['prompt']!r}" for r in w["active"]) or "-"
-        table.add_row(w["worker"], w["model"], w["engine"], ",".join(w["queues"]), w["status"], doing,
-                      str(w["processed"]))  # fmt: skip
+        table.add_row(w["worker"], w["model"] or "- (no render queue)", w["engine"] or "-", ",".join(w["queues"]),
+                      w["status"], doing, str(w["processed"]))  # fmt: skip
     Console().print(table)
 
 
@@ -275,34 +324,34 @@ def api(
 ) -> None:
     """Serve the OpenAI-compatible videos API (/v1/videos) in front of the queue (API_KEYS_FILE required)."""
     try:
-        import uvicorn
-
         from renderfarm.api.app import create_app
+        from renderfarm.api.server import serve
         from renderfarm.api.settings import get_api_settings
     except ImportError as exc:
         _fail(f"the API needs its extra: pip install 'renderfarm[api]' ({exc})")
     try:
-        application = create_app(get_api_settings())
+        settings = get_api_settings()
+        application = create_app(settings)
     except ValueError as exc:  # invalid settings (SettingsError) or keys file
         _fail(str(exc), 2)
     import logging
 
     # One line per request (request id, method, path, status, time) from renderfarm.api; never a key.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False)
+    serve(application, settings, host, port)
 
 
 @app.command()
 def api_key(name: Annotated[str, typer.Argument(help="Who the key is for (owns the videos it creates).")]) -> None:
-    """Print a new API key and the line to add to API_KEYS_FILE (only the key's hash is stored)."""
+    """Make a new API key: the key on the terminal (stderr, shown once), its line for API_KEYS_FILE on
+    stdout, so `renderfarm api-key NAME >> api-keys` appends the line (only the key's hash is stored)."""
     from renderfarm.api.keys import new_key
 
     if not name.replace("-", "").replace("_", "").isalnum():
         _fail(f"name {name!r}: use letters, digits, - and _")
     key, line = new_key(name)
-    console.print(f"key for {name} (shown once; give it to the client):")
-    typer.echo(key)
-    console.print(f"add this line to API_KEYS_FILE:\n{line}")
+    console.print(f"key for {name} (shown once; give it to the client): {key}", soft_wrap=True, highlight=False)
+    typer.echo(line)
 
 
 @app.command()
@@ -323,7 +372,10 @@ def models(
     try:
         rows = survey_models(celery_app, client, broker.DEFAULT_MODEL, timeout)
     except Exception as exc:  # noqa: BLE001
-        _fail(f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}")
+        _fail(
+            _redis_trouble(exc, auth_only=True)
+            or f"could not reach the broker at REDIS_URL: {type(exc).__name__}: {exc}"
+        )
     finally:
         client.close()
     if as_json:
@@ -339,17 +391,23 @@ def models(
         model = row["model"] or "[red](no worker)[/]"
         table.add_row(f"{model}{' (default)' if row['default'] else ''}", ", ".join(row["queues"]),
                       str(row["workers"]), str(row["waiting"]))  # fmt: skip
-    console.print(table)
+    Console().print(table)  # stdout, as `renderfarm workers` prints its own
+
+
+NAME_HELP = (
+    "Node name before '@' (default: render-<model>, and -gpu<ids> on a GPU). With several GPU groups each gets "
+    "-gpu<ids> appended."
+)
 
 
 @app.command()
 def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-    name: Annotated[str, typer.Option(help="Node name before '@' (GPU workers get -gpuN appended).")] = "render",
+    name: Annotated[str | None, typer.Option(help=NAME_HELP)] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the worker command(s) as JSON instead of running them.")] = False,
 ) -> None:
     """Start a render worker for this machine: prefork, concurrency 1, one per GPU (group of NUM_GPUS)."""
-    from renderfarm.launch import plan_workers, run_workers, visible_gpus
+    from renderfarm.launch import check_names, plan_workers, run_workers, visible_gpus
     from worker_config.settings import SettingsError, get_settings
 
     try:
@@ -360,9 +418,16 @@ def worker(
     if dry_run:
         typer.echo(json.dumps([{"name": p.name, "argv": p.argv, "env": p.env} for p in plans], indent=2))
         return
+    if taken := check_names(plans):
+        _fail(
+            f"a worker named {', '.join(taken)} is already running: two workers of one name hide each other "
+            "(renderfarm workers, models) and share a health folder; start this one with another --name",
+            2,
+        )
     for plan in plans:
         gpus = plan.env.get("CUDA_VISIBLE_DEVICES")
-        console.print(f"starting worker {plan.name} ({f'GPU {gpus}' if gpus else 'CPU'}): {' '.join(plan.argv[1:])}")
+        console.print(f"starting worker {plan.name} ({f'GPU {gpus}' if gpus else 'CPU'}): {' '.join(plan.argv[1:])}",
+                      soft_wrap=True, highlight=False)  # fmt: skip
     raise typer.Exit(run_workers(plans))
 
 

@@ -1,7 +1,8 @@
 """``renderfarm doctor``: is this machine ready to produce or render?
 
 Checks, each with one line and the fix where known: the settings, the broker (Redis answers, the
-render queue's depth, workers answering), object storage (the bucket with the workers'
+render queue's depth, workers answering; a refused password and a plain ``redis://`` to a server
+that speaks TLS are named as such: ``worker_config.redis_link.diagnose``), object storage (the bucket with the workers'
 credentials), webhooks (secret and allow-list), then the worker self-check from
 ``tasks.worker.selfcheck`` (PyTorch, CUDA, GPU, FastVideo, /dev/shm, a real spawn pool, the
 engine a worker here would load). A producer-only install (no torch) skips the worker part.
@@ -22,7 +23,7 @@ __all__ = ["Check", "run_doctor"]
 
 def _broker(settings: Settings) -> list[Check]:
     from worker_config.celery_config import RENDER_QUEUE, priority_lists
-    from worker_config.redis_link import is_sentinel, redis_client
+    from worker_config.redis_link import diagnose, is_sentinel, redis_client
 
     client = redis_client(settings, timeout_s=3, connect_timeout_s=3)
     where = (
@@ -35,6 +36,8 @@ def _broker(settings: Settings) -> list[Check]:
             host, port = client.connection_pool.get_master_address()  # type: ignore[attr-defined]
             version = f"{version}, master {settings.REDIS_SENTINEL_MASTER} at {host}:{port} (from the sentinels)"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
+        if (fault := diagnose(settings.REDIS_URL, exc)) is not None:  # a password refused, TLS expected
+            return [Check("broker", False, fault.what, fault.fix)]
         return [Check("broker", False, f"{where} does not answer: {type(exc).__name__}: {exc}",
                         "start Redis or fix REDIS_URL (redis://:PASSWORD@host:6379/0)")]  # fmt: skip
     finally:
@@ -48,12 +51,17 @@ def _workers() -> Check:
     app.conf.broker_connection_retry = False
     app.conf.broker_connection_timeout = 3
     try:
-        replies = app.control.inspect(timeout=1.5).ping() or {}
+        replies = app.control.ping(timeout=1.5) or []  # a list: two workers of one name answer twice
     except Exception as exc:  # noqa: BLE001
         return Check("workers", False, f"cannot ask workers: {exc}")
     if not replies:
         return Check("workers", True, "none answering (renders wait in the queue until one starts)")
-    return Check("workers", True, f"{len(replies)} answering: {', '.join(sorted(replies))}")
+    names = [name for reply in replies for name in reply]
+    clashing = sorted({name for name in names if names.count(name) > 1})
+    if clashing:
+        detail = f"several workers answer as {', '.join(clashing)}: they hide each other and share a health folder"
+        return Check("workers", False, detail, "give each worker its own name (renderfarm worker --name, celery -n)")
+    return Check("workers", True, f"{len(names)} answering: {', '.join(sorted(names))}")
 
 
 def _storage(settings: Settings) -> Check:

@@ -1,26 +1,38 @@
-"""``renderfarm workers``: which workers are up, the model each serves, what each is doing."""
+"""``renderfarm workers`` and ``models``: which workers are up, what each consumes and serves, what each is doing."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["survey"]
+__all__ = ["clashes", "models", "survey", "waiting_per_queue"]
 
 
 def survey(app: Any, timeout: float = 2.0) -> list[dict[str, Any]]:
-    """One entry per worker that answered: name, model, engine, queues, processed count and active renders."""
-    from renderfarm.progress import describe
+    """One entry per worker name that answered: name, whether it renders, model, engine, queues, processed
+    count, active renders, and ``answers``: how many workers answer under that name (more than 1: a clash).
 
-    pings = app.control.inspect(timeout=timeout).ping() or {}
-    if not pings:
+    ``queues`` are what the worker consumes now, from Celery's own ``active_queues`` (what Flower's
+    worker page shows under "Queues"); ``renders`` is true for a worker that consumes a render queue.
+    """
+    from renderfarm.progress import describe
+    from worker_config.routing import is_render_queue
+
+    replies = app.control.ping(timeout=timeout) or []  # a list: two workers of one name answer twice
+    answers: dict[str, int] = {}
+    for reply in replies:
+        for name in reply:
+            answers[name] = answers.get(name, 0) + 1
+    if not answers:
         return []
-    names = sorted(pings)
-    inspect = app.control.inspect(destination=names, timeout=timeout, limit=len(names))
+    names = sorted(answers)
+    limit = sum(answers.values())
+    inspect = app.control.inspect(destination=names, timeout=timeout, limit=limit)
     active = inspect.active() or {}
     stats = inspect.stats() or {}
+    consuming = inspect.active_queues() or {}
     infos: dict[str, Any] = {}
     for reply in app.control.broadcast(
-        "renderfarm_info", reply=True, timeout=timeout, destination=names, limit=len(names)
+        "renderfarm_info", reply=True, timeout=timeout, destination=names, limit=limit
     ) or []:  # fmt: skip
         infos.update(reply)
     workers = []
@@ -39,17 +51,26 @@ def survey(app: Any, timeout: float = 2.0) -> list[dict[str, Any]]:
                 "progress": describe(result.state, progress),
             })  # fmt: skip
         total = (stats.get(name) or {}).get("total") or {}
+        queues = sorted(q["name"] for q in consuming.get(name) or [] if "name" in q) or info.get("queues", [])
+        serves = any(is_render_queue(q) for q in queues)
         workers.append({
             "worker": name,
-            "model": info.get("model", "?"),
-            "engine": info.get("engine", "?"),
-            "queues": info.get("queues", []),
+            "renders": serves,
+            "model": info.get("model", "?") if serves else None,
+            "engine": info.get("engine", "?") if serves else None,
+            "queues": queues,
             "pid": (stats.get(name) or {}).get("pid"),
+            "answers": answers[name],
             "processed": sum(total.values()) if isinstance(total, dict) else 0,
             "status": "busy" if renders else "idle",
             "active": renders,
         })  # fmt: skip
     return workers
+
+
+def clashes(workers: list[dict[str, Any]]) -> list[str]:
+    """The worker names that more than one worker answers under (each must have its own ``-n``/``--name``)."""
+    return [w["worker"] for w in workers if w.get("answers", 1) > 1]
 
 
 def waiting_per_queue(client: Any) -> dict[str, int]:
@@ -83,6 +104,8 @@ def models(app: Any, client: Any, default_model: str | None, timeout: float = 2.
 
     served: dict[str, dict[str, Any]] = {}
     for worker in survey(app, timeout):
+        if not worker["renders"]:
+            continue  # a webhook worker serves no model
         entry = served.setdefault(worker["model"], {"queues": set(), "workers": []})
         entry["queues"].update(q for q in worker["queues"] if q == RENDER_QUEUE or q.startswith(f"{RENDER_QUEUE}."))
         entry["workers"].append(worker["worker"])

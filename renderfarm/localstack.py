@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,16 @@ class RedisServer:
         except Exception:  # noqa: BLE001 - not up yet
             return False
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block, as a stalled host would be: connections stay
+        open and are even accepted, nothing is answered; it goes on (SIGCONT) after."""
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL), as a crash would."""
         self._proc.kill()
@@ -136,16 +146,19 @@ class WorkerProcess:
         app: str = "tasks",
         queue: str = "render",
         wrap: tuple[str, ...] = (),
+        command: list[str] | None = None,
     ) -> None:
-        """``wrap`` is a command that runs the worker command as its arguments (e.g. ``unshare ...``)."""
+        """``wrap`` is a command that runs the worker command as its arguments (e.g. ``unshare ...``);
+        ``command`` replaces the worker command (a documented command line as it is written, whose node
+        name is ``name@host``), e.g. ``renderfarm worker``."""
         self.name = name
         self.hostname = f"{name}@{socket.gethostname()}"
         self.log_path = log_path
         self._loads_engine = app == "tasks"
         self._log = open(log_path, "wb")  # closed in stop()
+        argv = command if command is not None else worker_command(self.hostname, *extra_args, app=app, queue=queue)
         self.proc = subprocess.Popen(
-            [*wrap, *worker_command(self.hostname, *extra_args, app=app, queue=queue)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [*wrap, *argv], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
     @property

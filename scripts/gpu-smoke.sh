@@ -6,6 +6,8 @@
 # own, then runs `python -m bench.gpu_smoke` from this source tree. Arguments go to the smoke:
 #   scripts/gpu-smoke.sh                   # on a GPU: Wan2.1-1.3B shapes, every row
 #   scripts/gpu-smoke.sh --device cpu      # the CPU twin (tiny shapes), as CI runs it
+# Each row is killed after --row-timeout seconds and the run ends by --budget (defaults fit a lent
+# GPU's 590 s command: docs/gpu.md); a row that hangs is reported "timed out" and the next one runs.
 # Settings: PYTHON (default python3), BUNDLE (default .gpu-bundle), SITE (default /tmp/renderfarm-site).
 set -euo pipefail
 

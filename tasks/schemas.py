@@ -8,13 +8,18 @@ allowed. Fields left out are filled from the served model's profile (``tasks.pro
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.errors import InvalidRequest
 from tasks.webhook import WebhookPolicy
 
-__all__ = ["RenderRequest", "RenderResult", "Limits", "parse_request", "MAX_SIDE", "MAX_FRAMES"]
+__all__ = [
+    "RenderRequest", "RenderResult", "Limits", "Problem", "parse_request", "check_fields", "invalid", "MAX_SIDE",
+    "MAX_FRAMES",
+]  # fmt: skip
 
 MAX_SIDE = 1920
 MAX_FRAMES = 257
@@ -196,18 +201,47 @@ class RenderResult(BaseModel):
     image_key: str | None = None
 
 
+class Problem(NamedTuple):
+    """One thing wrong with a request: the field it is about and what is wrong, in words."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
 def parse_request(kwargs: dict[str, Any]) -> RenderRequest:
     """Validate raw task kwargs; raise ``InvalidRequest`` naming every bad field."""
-    from tasks.errors import InvalidRequest
+    request, _, problems = check_fields(kwargs)
+    if request is None:
+        raise invalid(problems)
+    return request
 
+
+def check_fields(kwargs: dict[str, Any]) -> tuple[RenderRequest | None, dict[str, Any], list[Problem]]:
+    """(the request or None, the fields that passed the schema, a ``Problem`` for each that did not).
+    The fields that passed (None values left out) are what later checks can still judge."""
     try:
-        return RenderRequest.model_validate(kwargs)
+        request = RenderRequest.model_validate(kwargs)
     except ValidationError as exc:
-        raise InvalidRequest(f"invalid render request: {_explain(exc)}") from None
+        problems = _problems(exc)
+        failed = {problem.field for problem in problems}
+        passed = {k: v for k, v in kwargs.items() if k in RenderRequest.model_fields and k not in failed}
+        return None, {k: v for k, v in passed.items() if v is not None}, problems
+    return request, request.model_dump(exclude_none=True), []
 
 
-def _explain(exc: ValidationError) -> str:
-    parts = []
+def invalid(problems: Iterable[Problem]) -> InvalidRequest:
+    """One ``InvalidRequest`` naming every problem, in the order of the request's fields (unknown fields,
+    then the checks on several fields, such as ``size``, last)."""
+    order = {name: i for i, name in enumerate(RenderRequest.model_fields)}
+    ranked = sorted(problems, key=lambda p: order.get(p.field, len(order)))
+    return InvalidRequest(f"invalid render request: {'; '.join(map(str, ranked))}")
+
+
+def _problems(exc: ValidationError) -> list[Problem]:
+    found = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "request"
         msg = err["msg"].removeprefix("Value error, ")
@@ -216,5 +250,5 @@ def _explain(exc: ValidationError) -> str:
             msg = f"unknown field; allowed fields: {allowed}"
         elif err["type"] == "missing":
             msg = "required"
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts)
+        found.append(Problem(field, msg))
+    return found

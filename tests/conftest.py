@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from celery import Celery
+from celery import Celery, signals
+
+# pytest-celery (the dev extra) enables celery.contrib.pytest's fixtures: `celery_app` (an app built
+# from `celery_config`), `celery_worker` (a real Celery worker in a thread of this process, on the
+# real Redis). Its own `celery_worker` is a Docker container, which cannot run here: the in-process
+# one is re-exported. Where in-process workers are used and where real prefork workers stay: README,
+# "Development".
+from celery.contrib.pytest import celery_worker  # noqa: F401
 
 from tests.support import RedisServer, S3Server, TestWorker, minio_client
 
@@ -114,6 +122,66 @@ def producer(redis_server: RedisServer) -> Iterator[Celery]:
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
     yield app
     app.close()
+
+
+@pytest.fixture(scope="session")
+def celery_config(redis_server: RedisServer) -> dict:
+    """``celery_app``'s configuration: a worker's, as this project builds it, on the test Redis."""
+    from worker_config.celery_config import celery_config as worker_configuration
+    from worker_config.settings import Settings
+
+    return worker_configuration(Settings.model_validate({"REDIS_URL": redis_server.url}))
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict:
+    """The in-process worker (``celery_worker``): no ``celery.ping`` task to check it with; it consumes
+    ``render`` (a module overrides this fixture for other queues)."""
+    return {"perform_ping_check": False, "queues": ["render"]}
+
+
+@pytest.fixture
+def in_process_worker(
+    request: pytest.FixtureRequest, celery_app: Celery, redis_server: RedisServer
+) -> Iterator[Callable[[dict[str, Callable[..., object]]], object]]:
+    """``start({name: body})``: register ``body(self, **kwargs)`` as task ``name`` on ``celery_app`` and start
+    ``celery_worker`` (a real Celery worker in a thread of this process) on an empty Redis; the worker.
+
+    For what the broker, the routing and the consumer decide (which queue, which order), not for a
+    render: the body stands in for the task and says what it received. The project's own tasks are
+    shared tasks (``@app.task``), so every app has them: a body given here replaces that one.
+    """
+    redis_server.client.flushall()
+    backends = [celery_app.backend]  # the app's backends are per thread: this one and the worker thread's
+
+    def worker_backend(sender: object = None, **_: object) -> None:
+        backend = sender.app.backend  # type: ignore[attr-defined]
+        if all(backend is not b for b in backends):
+            backends.append(backend)
+
+    def start(bodies: dict[str, Callable[..., object]]) -> object:
+        for name, body in bodies.items():
+            celery_app.tasks.pop(name, None)
+            celery_app.task(name=name, bind=True)(body)
+        return request.getfixturevalue("celery_worker")  # after the tasks: it knows them when it starts
+
+    signals.task_postrun.connect(worker_backend, weak=False)
+    root_level = logging.getLogger().level
+    try:
+        yield start
+    finally:
+        signals.task_postrun.disconnect(worker_backend)
+        # Celery's test worker set the root logger to its own level (ERROR): a later test's caplog
+        # would see no warning at all.
+        logging.getLogger().setLevel(root_level)
+        # The worker has stopped. A task it retried subscribed its thread's backend to the retry's result
+        # (a real worker process never does); those subscriptions go here with their connection, or the
+        # garbage collector would reconnect to unsubscribe and leave that socket open.
+        for backend in backends:
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None:
+                consumer.subscribed_to.clear()
+                consumer.stop()
 
 
 @pytest.fixture

@@ -7,6 +7,9 @@ the namespace are dropped at random (``loss_percent``, an nftables rule inside t
 ``cut()`` takes the link down (a partition: nothing passes, no connection is reset), ``heal()``
 brings it back.
 
+``LoopbackOnly`` is a namespace with nothing but ``lo``: no route anywhere (an air-gapped node, a
+locked-down pod); what runs there starts its own servers on loopback.
+
 Latency: ``tc netem`` is the natural tool, but kernels built without ``CONFIG_NET_SCH_NETEM``
 (this machine's and CI's) refuse it, so each proxy delays what it forwards by ``delay_s`` plus or
 minus ``jitter_s``, in order, both ways. Needs root (``ip netns``, ``nft``); ``available()`` says
@@ -27,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["BadNetwork", "LatencyProxy", "available"]
+__all__ = ["BadNetwork", "LatencyProxy", "LoopbackOnly", "available"]
 
 _ids = itertools.count(os.getpid() % 200)
 
@@ -36,11 +39,11 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
-def available() -> str | None:
-    """None when a namespace with a veth pair and nftables can be made here; otherwise why not."""
+def available(tools: tuple[str, ...] = ("ip", "nft")) -> str | None:
+    """None when a namespace with a veth pair and nftables (``tools``) can be made here; otherwise why not."""
     if os.geteuid() != 0:
         return "needs root (ip netns, veth, nftables): CI runs it as root"
-    for tool in ("ip", "nft"):
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"needs `{tool}` (make install installs iproute2 and nftables)"
     name = f"rf-probe-{os.getpid()}"
@@ -161,5 +164,41 @@ class BadNetwork:
             proxy.close()
         with contextlib.suppress(subprocess.CalledProcessError):
             _run("ip", "link", "del", self._host_link)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _run("ip", "netns", "del", self.name)
+
+
+class LoopbackOnly:
+    """A network namespace with only ``lo``, up: no default route, no other interface."""
+
+    def __init__(self) -> None:
+        self.name = f"rf-lo-{os.getpid()}-{next(_ids)}"
+
+    def __enter__(self) -> LoopbackOnly:
+        _run("ip", "netns", "add", self.name)
+        _run(*self.wrap, "ip", "link", "set", "lo", "up")
+        return self
+
+    @property
+    def wrap(self) -> tuple[str, ...]:
+        """Prefix a command with this to run it inside the namespace."""
+        return ("ip", "netns", "exec", self.name)
+
+    def links(self) -> list[str]:
+        """The namespace's interfaces, by name."""
+        out = subprocess.run([*self.wrap, "ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
+        return [line.split(":")[1].strip() for line in out.splitlines()]
+
+    def routes(self) -> list[str]:
+        """Its IPv4 and IPv6 routes (loopback's own only)."""
+        return [
+            line
+            for family in ("-4", "-6")
+            for line in subprocess.run(
+                [*self.wrap, "ip", family, "route", "show", "table", "main"], check=True, capture_output=True, text=True
+            ).stdout.splitlines()
+        ]
+
+    def __exit__(self, *exc: Any) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
             _run("ip", "netns", "del", self.name)

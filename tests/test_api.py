@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,82 +18,30 @@ from typing import Any
 
 import pytest
 
-from renderfarm.api.keys import new_key
-from tests.support import PACED, ROOT, ffprobe, free_port, wait_for
+from tests.gateway import Gateway
+from tests.gateway import start_gateway as launch
+from tests.support import PACED, ROOT, ffprobe, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")  # the SDK's own
-
-
-class Gateway:
-    def __init__(self, port: int, keys: dict[str, str], log: Path) -> None:
-        self.port, self.keys, self.log = port, keys, log
-        self.base = f"http://127.0.0.1:{port}/v1"
-        self.clients: list[Any] = []  # closed when the gateway stops: their pooled connections too
-
-    def client(self, owner: str = "alice") -> Any:
-        from openai import OpenAI
-
-        self.clients.append(OpenAI(api_key=self.keys[owner], base_url=self.base, max_retries=0, timeout=60))
-        return self.clients[-1]
-
-    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-            owner: str | None = "alice") -> tuple[int, dict[str, str], Any]:  # fmt: skip
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        sent = {"Content-Type": "application/json", **(headers or {})}
-        if owner:
-            sent["Authorization"] = f"Bearer {self.keys[owner]}"
-        connection.request(method, "/v1" + path, body=body, headers=sent)
-        response = connection.getresponse()
-        data = response.read()
-        connection.close()
-        parsed = (
-            json.loads(data) if data and response.getheader("content-type", "").startswith("application/json") else data
-        )
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, parsed
 
 
 @pytest.fixture
 def start_gateway(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     """``start_gateway(**env)``: `renderfarm api` with two keys (alice, bob) and these settings."""
-    procs: list[subprocess.Popen[bytes]] = []
     servers: list[Gateway] = []
 
     def start(**overrides: str) -> Gateway:
-        keys, lines = {}, ["# test keys"]
-        for owner in ("alice", "bob"):
-            keys[owner], line = new_key(owner)
-            lines.append(line)
-        n = len(procs)
-        (tmp_path / f"keys{n}").write_text("\n".join(lines) + "\n")
-        port = free_port()
-        env = {**worker_env, "API_KEYS_FILE": str(tmp_path / f"keys{n}"), "DEFAULT_MODEL": "tiny-wan", **overrides}
-        log_path = tmp_path / f"api{n}.log"
-        with open(log_path, "wb") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "renderfarm.cli", "api", "--port", str(port)],
-                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-        server = Gateway(port, keys, log_path)
-        servers.append(server)
-        wait_for(lambda: _answers(server), 60, "the API to answer")
-        return server
+        servers.append(launch(worker_env, tmp_path, **overrides))
+        return servers[-1]
 
     yield start
-    for client in (c for server in servers for c in server.clients):
-        client.close()
-    for proc in procs:
-        proc.terminate()
-        proc.wait(20)
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture
 def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     return start_gateway()
-
-
-def _answers(server: Gateway) -> bool:
-    try:
-        return server.raw("GET", "/videos", owner=None)[0] == 401
-    except OSError:
-        return False
 
 
 def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gateway, start_worker, producer,
@@ -127,9 +76,14 @@ def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gat
     wait_for(lambda: client.videos.retrieve(running.id).progress > 0, 30, "progress from the denoising steps")
     deleted = client.videos.delete(running.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (running.id, True, "video.deleted")
+    # DELETE waited for the cancel and says where the render stopped (tasks.cancel.Cancellation).
+    cancellation = (deleted.model_extra or {})["cancellation"]
+    assert cancellation["outcome"] == "stopped", cancellation
+    assert cancellation["stage"] in ("denoising", "decoding", "encoding", "uploading"), cancellation
+    assert cancellation["message"].startswith(f"render {running.id} stopped "), cancellation
     with pytest.raises(NotFoundError):
         client.videos.retrieve(running.id)
-    wait_for(lambda: producer.AsyncResult(running.id).state == "REVOKED", 60, "the render to stop")
+    assert producer.AsyncResult(running.id).state == "REVOKED"  # it had stopped when DELETE answered
 
     # Listing pages as the SDK pages (cursor `after`), newest first; another key sees none of it.
     queued = [client.videos.create(prompt=f"queued {i}", model="tiny-wan").id for i in range(3)]
@@ -143,25 +97,25 @@ def test_the_openai_sdk_renders_follows_downloads_lists_and_cancels(gateway: Gat
     assert gateway.keys["alice"] not in gateway.log.read_text()  # keys are never logged
 
 
-@pytest.mark.parametrize(
-    ("body", "param", "message"),
-    [
-        ({"prompt": "x", "size": "65x64"}, "size", "multiples of 16"),
-        ({"prompt": "x", "size": "big"}, "size", "expected WIDTHxHEIGHT"),
-        ({"prompt": "x", "model": "sora-2"}, "model", "Available: tiny-wan"),
-        ({"prompt": "x", "seconds": "abc"}, "seconds", "a positive number"),
-        ({"prompt": "x", "seconds": "300"}, "seconds", "frames at 8 fps"),
-        ({"prompt": ""}, "prompt", "prompt:"),
-        ({"prompt": "x", "style": "noir"}, "style", "Allowed: prompt, model, seconds, size"),
-        ({"prompt": "x", "input_reference": "data:image/png;base64,AAAA"}, "input_reference",
-         "input_reference: tiny-wan is a text-to-video model and takes no image; models that do: tiny-wan-ti2v"),
-    ],
-)  # fmt: skip
-def test_bad_requests_get_openai_errors_naming_the_parameter(gateway: Gateway, body, param, message):
-    status, headers, error = gateway.raw("POST", "/videos", json.dumps(body).encode())
-    assert status == 400, error
-    assert error["error"]["param"] == param and message in error["error"]["message"], error
-    assert error["error"]["type"] == "invalid_request_error" and headers["x-request-id"].startswith("req_")
+BAD_REQUESTS = [
+    ({"prompt": "x", "size": "65x64"}, "size", "size: width: Input should be a multiple of 16"),
+    ({"prompt": "x", "size": "big"}, "size", "expected WIDTHxHEIGHT"),
+    ({"prompt": "x", "model": "sora-2"}, "model", "available: tiny-wan"),
+    ({"prompt": "x", "seconds": "abc"}, "seconds", "a positive number"),
+    ({"prompt": "x", "seconds": "300"}, "seconds", "frames at 8 fps"),
+    ({"prompt": ""}, "prompt", "prompt:"),
+    ({"prompt": "x", "style": "noir"}, "style", "allowed: prompt, model, seconds, size"),
+    ({"prompt": "x", "input_reference": "data:image/png;base64,AAAA"}, "input_reference",
+     "input_reference: tiny-wan is a text-to-video model and takes no image; models that do: tiny-wan-ti2v"),
+]  # fmt: skip
+
+
+def test_bad_requests_get_openai_errors_naming_the_parameter(gateway: Gateway):
+    for body, param, message in BAD_REQUESTS:
+        status, headers, error = gateway.raw("POST", "/videos", json.dumps(body).encode())
+        assert status == 400, (body, error)
+        assert error["error"]["param"] == param and message in error["error"]["message"], (body, error)
+        assert error["error"]["type"] == "invalid_request_error" and headers["x-request-id"].startswith("req_")
 
 
 def test_keys_missing_videos_and_oversized_bodies(gateway: Gateway):
@@ -187,21 +141,27 @@ def test_keys_missing_videos_and_oversized_bodies(gateway: Gateway):
 
 
 def test_each_key_has_a_rate_and_a_concurrency_quota(start_gateway: Callable[..., Gateway]):
+    """Only creations that are made use up the rate: those refused for the concurrency quota give
+    their count back (issue 26: 2 made, 4 refused, both deleted, and the next create got 429)."""
     gateway = start_gateway(API_RATE_LIMIT_PER_MIN="4", API_MAX_ACTIVE="2")  # no worker: videos stay queued
-    if time.time() % 60 > 45:  # the five requests below fall in one rate window
+    if time.time() % 60 > 45:  # the creates below fall in one rate window
         time.sleep(61 - time.time() % 60)
 
     def create(owner: str = "alice") -> tuple[int, dict[str, str], Any]:
-        return gateway.raw("POST", "/videos", json.dumps({"prompt": "queued"}).encode(), owner=owner)
+        return gateway.create({"prompt": "queued"}, owner=owner)
 
-    first, second = create(), create()
-    assert first[0] == second[0] == 200
-    status, headers, error = create()  # a third at once: over the concurrency quota
-    assert status == 429 and error["error"]["code"] == "concurrency_limit" and int(headers["retry-after"]) > 0
-    assert create("bob")[0] == 200  # another key has its own quota
-    assert gateway.raw("DELETE", f"/videos/{first[2]['id']}")[0] == 200  # a deleted video frees its place
-    assert create()[0] == 200  # the fourth creation this minute
-    status, headers, error = create()
+    made = [create(), create()]
+    assert [status for status, _, _ in made] == [200, 200]
+    for _ in range(4):  # over the concurrency quota: refused, and not counted against the rate
+        status, headers, error = create()
+        assert status == 429 and error["error"]["code"] == "concurrency_limit" and int(headers["retry-after"]) > 0
+    assert create("bob")[0] == 200  # another key has its own quotas
+    for video in made:  # deleted videos free their places
+        assert gateway.raw("DELETE", f"/videos/{video[2]['id']}")[0] == 200
+    third, fourth = create(), create()  # the third and fourth creations made this minute
+    assert third[0] == fourth[0] == 200, (third, fourth)
+    assert gateway.raw("DELETE", f"/videos/{third[2]['id']}")[0] == 200
+    status, headers, error = create()  # a place is free, but the minute's four are used
     assert status == 429 and error["error"]["code"] == "rate_limit_exceeded", error
     assert error["error"]["type"] == "rate_limit_error" and 0 < int(headers["retry-after"]) <= 60
 
@@ -209,13 +169,16 @@ def test_each_key_has_a_rate_and_a_concurrency_quota(start_gateway: Callable[...
 def test_schemathesis_finds_no_server_error_in_the_served_schema(start_gateway: Callable[..., Gateway],
                                                                  tmp_path: Path):  # fmt: skip
     """Property tests against the served OpenAPI schema: random and boundary values for every
-    parameter and body field of every endpoint, with a valid key; no answer may be a 5xx."""
+    parameter and body field of every endpoint, with a valid key, and creates with every kind of
+    digit and huge numbers in ``size`` and ``seconds`` (tests/schemathesis_hooks.py); no answer may be a 5xx."""
     gateway = start_gateway(API_RATE_LIMIT_PER_MIN="0", API_MAX_ACTIVE="0")
+    hooks = {"SCHEMATHESIS_HOOKS": str(ROOT / "tests" / "schemathesis_hooks.py"), "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"http://127.0.0.1:{gateway.port}/openapi.json",
          "--checks", "not_a_server_error", "--max-examples", "40", "--generation-deterministic",
          "--header", f"Authorization: Bearer {gateway.keys['alice']}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,  # its cache stays out of the checkout
+        env={**os.environ, **hooks},
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     counted = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
@@ -304,3 +267,33 @@ def multipart(fields: dict[str, str], file: bytes) -> tuple[bytes, dict[str, str
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), {
         "Content-Type": f"multipart/form-data; boundary={boundary}"
     }
+
+
+def test_the_documented_key_command_makes_a_keys_file_the_gateway_reads(worker_env: dict[str, str], tmp_path: Path):
+    """.env.example's `renderfarm api-key NAME >> ./api-keys`, run as written: the key goes to the
+    terminal, its hash line to the file, and `renderfarm api` reads that file and takes the key.
+    Without API_MODELS or DEFAULT_MODEL, `renderfarm api` refuses to start and names both."""
+    env = {**worker_env, "PATH": f"{Path(sys.executable).parent}:{worker_env['PATH']}", "PYTHONPATH": str(ROOT)}
+    documented = re.search(r"`(renderfarm api-key NAME >> [^`]+)`", (ROOT / ".env.example").read_text())
+    assert documented, "the keys command is no longer in .env.example"
+    commands = " && ".join(documented[1].replace("NAME", name) for name in ("carol", "dave"))
+    made = subprocess.run(["bash", "-c", commands], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60, check=True)  # fmt: skip
+    keys = re.findall(r"\brf-[A-Za-z0-9_-]{40,}", made.stderr)
+    assert len(keys) == 2 and made.stdout == "", made
+    keys_file = tmp_path / documented[1].split(">> ")[1]
+    assert [line.split(":")[0] for line in keys_file.read_text().splitlines()] == ["carol", "dave"]
+
+    bare = {k: v for k, v in env.items() if k not in ("DEFAULT_MODEL", "API_MODELS")}
+    refused = subprocess.run(["renderfarm", "api", "--port", "0"], env={**bare, "API_KEYS_FILE": str(keys_file)},
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2, refused
+    assert "API_MODELS" in refused.stderr and "DEFAULT_MODEL" in refused.stderr and "Traceback" not in refused.stderr
+
+    gateway = launch(env, tmp_path / "gateway", API_KEYS_FILE=str(keys_file))
+    try:
+        for key in keys:
+            status, _, listed = gateway.raw("GET", "/videos", headers={"Authorization": f"Bearer {key}"}, owner=None)
+            assert status == 200 and listed["data"] == [], listed
+    finally:
+        gateway.stop()

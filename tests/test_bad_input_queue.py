@@ -56,6 +56,15 @@ HOSTILE = [
     ('`image="https://..."`', {"prompt": "x", "image": "https://example.invalid/cat.png"},
      "image: https:// URLs are not fetched; use a data:image/png|jpeg|webp;base64,... URL or "
      "s3://<this farm's bucket>/<key>"),
+    ('`model="nope/none"`, `prompt` of 5000 characters, `width=100`',
+     {"model": "nope/none", "prompt": "x" * 5000, "width": 100},
+     "prompt: 5000 characters; at most 2000 are allowed; width: Input should be a multiple of 16; model: "
+     "'nope/none' is not served by this queue; available: tiny-wan"),
+    ("`height=720`, `seconds=4` (unknown field), 1280x720x257",
+     {"prompt": "x", "height": 720, "width": 1280, "num_frames": 257, "seconds": 4},
+     "seconds: unknown field; allowed fields: prompt, negative_prompt, num_frames, height, width, "
+     "num_inference_steps, guidance_scale, seed, fps, model, image, force, webhook_url; size: 1280x720 x 257 "
+     "frames = 236,851,200 pixel-frames; this deployment allows at most 118,886,400 (MAX_PIXEL_FRAMES)"),
 ]  # fmt: skip
 POSITIONAL = (
     "positional arguments",

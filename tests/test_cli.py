@@ -36,7 +36,10 @@ def test_submit_wait_status_and_result(start_worker, worker_env, tmp_path):
         ["submit", "a boat on a lake", "--frames", "5", "--seed", "3", "--wait", "--save", str(tmp_path / "a.mp4")], env
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = json.loads(done.stdout)  # stdout: the result only; the task id on stderr (no terminal here)
+    task_line = next(line for line in done.stderr.splitlines() if line.startswith("task id: "))
+    waited = task_line.removeprefix("task id: ")
+    assert json.loads(run(["status", waited], env).stdout)["state"] == "SUCCESS"
     assert (
         result["num_frames"] == 5
         and result["seed"] == 3
@@ -57,3 +60,14 @@ def test_submit_rejects_a_bad_request_in_one_line_without_a_round_trip(worker_en
         "error: invalid render request: height: Input should be a multiple of 16"
     ]
     assert "Traceback" not in done.stderr
+
+
+def test_upload_image_without_storage_credentials_names_them_and_the_inline_way(worker_env, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    env = {k: v for k, v in worker_env.items() if k not in ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")}
+    done = run(["upload-image", str(tmp_path / "red.png")], env, timeout=120)
+    assert done.returncode == 1 and not done.stdout and "Traceback" not in done.stderr
+    assert "error: MINIO_ACCESS_KEY and MINIO_SECRET_KEY must be set to upload an image" in done.stderr
+    assert "image=tasks.images.data_url(path)" in done.stderr and "store videos" not in done.stderr

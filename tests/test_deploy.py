@@ -517,8 +517,11 @@ def test_compose_services_are_configured_for_production():
         assert svc["environment"]["CUDA_VISIBLE_DEVICES"] == "0"  # its one reserved GPU
     assert len(devices_seen) == len(set(devices_seen)) == len(gpu_workers), "one GPU per worker"
 
+    ray_start = Settings.model_fields["FASTVIDEO_RAY_START_TIMEOUT_S"].default
     for name, svc in worker_services(doc).items():
         assert svc["healthcheck"]["test"][1:4] == ["python", "-m", "tasks.worker.healthcheck"], name
+        # A Ray executor that cannot start says so well inside the start period (docs/deploy.md, air-gapped nodes).
+        assert 4 * ray_start <= 60 * int(re.fullmatch(r"(\d+)m", svc["healthcheck"]["start_period"])[1]), name  # type: ignore[index]
         assert svc["restart"] == "unless-stopped"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert svc["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
@@ -535,6 +538,23 @@ def test_env_example_lists_every_setting_and_no_usable_secret():
     assert all(active[name] == "" for name in SECRETS)
     # Its active worker settings are valid as they stand.
     Settings.model_validate({k: v for k, v in active.items() if k in SETTINGS and k not in SECRETS and v})
+
+
+# `# NAME=value` lines that show an example, not the default (the line above them says so).
+EXAMPLE_VALUES = {"FASTVIDEO_ATTENTION_BACKEND", "FASTVIDEO_VSA_SPARSITY"}
+
+
+def test_env_example_shows_the_defaults_of_the_code():
+    """ ".env.example: Lines starting with `# NAME=` show the default" (METRICS_ADDR showed 0.0.0.0, issue 25.8)."""
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        m = re.fullmatch(r"# ([A-Z][A-Z0-9_]*)=(.*)", line)
+        if not m or m[1] not in SETTINGS or m[1] in EXAMPLE_VALUES:
+            continue
+        default = Settings.model_fields[m[1]].get_default(call_default_factory=True)
+        shown = getattr(Settings.model_validate({m[1]: m[2]}), m[1]) if m[2] else None
+        if isinstance(shown, Path):
+            shown = shown.expanduser()
+        assert shown == default or (not m[2] and not default), line  # `NAME=` shows an empty or unset default
 
 
 # ------------------------------------------------------------------------------------------------

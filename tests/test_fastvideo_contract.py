@@ -86,6 +86,29 @@ def test_what_the_step_channel_patches_still_exists():
     assert "extra" in field_names(ForwardBatch)
 
 
+def test_what_the_denoising_state_relies_on_still_holds():
+    """tasks/engines/fastvideo_state.py: where the loop's state is reached, and how a resume skips steps."""
+    from fastvideo.models.schedulers.scheduling_flow_unipc_multistep import FlowUniPCMultistepScheduler
+    from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+    from fastvideo.pipelines.stages.denoising import DenoisingStage, DmdDenoisingStage
+
+    forward = inspect.getsource(DenoisingStage.forward)
+    # The loop reads the batch's latents once, before it; skips an iteration while `interrupt` is
+    # true; and its latents after a step are the scheduler step's output.
+    assert "latents = batch.latents" in forward
+    assert "if hasattr(self, 'interrupt') and self.interrupt:\n                    continue" in forward
+    assert "latents = self.scheduler.step(noise_pred, t, latents" in forward
+    # The timesteps come from the batch (set by the timestep stage, which ran set_timesteps before).
+    assert "timesteps = batch.timesteps" in forward and "set_timesteps" not in forward
+    # The worker finds the pool process's files by the output path it sees on its batch.
+    assert {"output_path", "latents", "generator"} <= field_names(ForwardBatch)
+    # Wan's scheduler keeps its state on the object (captured generically), its step as a method.
+    assert "step" in FlowUniPCMultistepScheduler.__dict__ and "set_timesteps" in FlowUniPCMultistepScheduler.__dict__
+    # Not covered (docs/reliability.md#checkpoints): FastWan's DMD loop is its own, without scheduler.step.
+    assert "forward" in DmdDenoisingStage.__dict__
+    assert "self.scheduler.step(" not in inspect.getsource(DmdDenoisingStage.forward)
+
+
 def test_every_request_field_exists_in_the_request_schema_and_sampling_params():
     from fastvideo.api.sampling_param import SamplingParam
     from fastvideo.api.schema import GenerationRequest, OutputConfig, SamplingConfig
@@ -175,3 +198,16 @@ def test_what_the_engines_ray_path_relies_on_still_holds():
     fastvideo_ray.complete_executor()
     assert not RayDistributedExecutor.__abstractmethods__
     assert "worker_process_setup_hook" in inspect.signature(ray.runtime_env.RuntimeEnv).parameters
+    # The address and the wait the engine settles (tasks/engines/fastvideo_ray.py, points 6 and 7): FastVideo's
+    # get_ip() reads FASTVIDEO_HOST_IP first, its placement group asks for node:<get_ip()>, it waits through the
+    # module-level _wait_until_pg_ready that start() replaces, and its workers' address is their own get_ip().
+    from fastvideo import envs, utils
+
+    assert "FASTVIDEO_HOST_IP" in envs.environment_variables
+    assert "host_ip = envs.FASTVIDEO_HOST_IP" in inspect.getsource(utils.get_ip)
+    cluster = inspect.getsource(ray_utils.initialize_ray_cluster)
+    assert 'placement_group_specs[0][f"node:{current_ip}"]' in cluster and "current_ip = get_ip()" in cluster
+    assert "_wait_until_pg_ready(current_placement_group)" in cluster
+    assert "return get_ip()" in inspect.getsource(ray_utils.RayWorkerWrapper.get_node_ip)
+    assert "FASTVIDEO_HOST_IP" in RayDistributedExecutor.WORKER_SPECIFIC_ENV_VARS  # never copied to the workers
+    assert "for worker in self.workers:" in inspect.getsource(RayDistributedExecutor.shutdown)

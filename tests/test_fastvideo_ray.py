@@ -1,7 +1,9 @@
 """FastVideo's Ray executor (``DISTRIBUTED_EXECUTOR_BACKEND=ray``) on CPU, on tiny-wan, in real prefork workers.
 
 The pool child owns a private Ray instance (``tasks.engines.fastvideo_ray``): Ray's daemons are its
-children, FastVideo's actor is the raylet's child. Run in .venv-fastvideo (fastvideo and ray installed):
+children, FastVideo's actor is the raylet's child. A Ray executor on a host without a default route
+(a loopback-only namespace) renders in tests/test_fastvideo_gpu_smoke.py, whose smoke runs there.
+Run in .venv-fastvideo (fastvideo and ray installed):
 
     make test-fastvideo      # .venv-fastvideo/bin/python -m pytest tests/test_fastvideo*.py
 """
@@ -9,6 +11,7 @@ children, FastVideo's actor is the raylet's child. Run in .venv-fastvideo (fastv
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -152,3 +155,37 @@ def test_a_dead_ray_worker_gets_one_more_try_then_a_clear_error_and_the_child_ke
 
     after = producer.send_task("tasks.render", kwargs=SMALL, queue="render").get(timeout=300)
     assert after["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1
+
+
+def test_a_ray_executor_that_cannot_place_its_workers_stops_in_time_with_the_diagnosis_and_falls_back_or_exits(
+    start_worker, producer: Celery
+):
+    # The operator named an address Ray's node does not have (TEST-NET-3): FastVideo's placement group
+    # asks for a node there, which never comes. The start gives up after FASTVIDEO_RAY_START_TIMEOUT_S.
+    nowhere = {**RAY, "FASTVIDEO_HOST_IP": "203.0.113.7", "FASTVIDEO_RAY_START_TIMEOUT_S": "3"}
+    exits = start_worker(wait=False, ENGINE_FALLBACKS="none", **nowhere)
+    falls_back = start_worker(ENGINE_FALLBACKS="diffusers", **nowhere)  # ready: it loaded the diffusers engine
+
+    diagnosis = (
+        r"FastVideo's Ray executor did not start: its placement group \[\{'GPU': 1.0, 'node:203.0.113.7': 0.001\}\] "
+        r"was not ready after 3 s \(FASTVIDEO_RAY_START_TIMEOUT_S\)\. FastVideo asks for a node at 203.0.113.7 "
+        r"\(FASTVIDEO_HOST_IP=203.0.113.7, set by the operator\) but Ray's node address is (\S+): no node has "
+        r"203.0.113.7\. Fix: unset FASTVIDEO_HOST_IP \(the worker then uses Ray's node address\) or set it to (\S+)\."
+    )
+    for worker in (exits, falls_back):
+        if worker is exits:
+            assert worker.proc.wait(120) == 1  # exited with the diagnosis, never ready
+        log = worker.log
+        assert "is not the address of this process's Ray node" in log  # said at once, before the wait
+        [(node, fix)] = re.findall(diagnosis, log)[:1]
+        assert node == fix and f"'node:{node}': 1.0" in log  # the address Ray's node really has
+        assert "Ray shut down in pid" in log and "Exception ignored" not in log
+
+    assert "ENGINE_FALLBACKS=none allows no other engine here" in exits.log and "engine loaded" not in exits.log
+    assert "renderfarm worker: FATAL: the engine failed to load" in exits.log
+    wait_for(lambda: not session_processes(exits.proc.pid), 30, "the exited worker's Ray processes to end")
+
+    assert "fallback to the diffusers engine. Cause: FastVideo's Ray executor did not start" in falls_back.log
+    assert "engine loaded: engine=diffusers" in falls_back.log
+    done = producer.send_task("tasks.render", kwargs=SMALL, queue="render").get(timeout=180)
+    assert done["engine"] == "diffusers" and done["worker"] == falls_back.hostname

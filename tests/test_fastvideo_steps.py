@@ -1,7 +1,8 @@
 """FastVideo renders step by step (tasks/engines/fastvideo_steps.py), in real workers, with both executors.
 
-Per-step progress and events, cancel at a step, out-of-memory inside FastVideo's own worker and the
-peak memory measured there. Run in .venv-fastvideo (``make test-fastvideo``); skipped elsewhere.
+Per-step progress and events, cancel at a step and after the last one (before decoding),
+out-of-memory inside FastVideo's own worker and the peak memory measured there. Run in
+.venv-fastvideo (``make test-fastvideo``); skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import psutil
 import pytest
 from celery import Celery
 
-from tasks.cancel import cancel
+from tasks.cancel import Outcome, cancel
 from tests.fastvideo_support import command_line, fastvideo_workers, ray_processes
-from tests.support import free_port, render_too_big_for, uncap, videos_in, wait_for, watch_events
+from tests.support import PACED, free_port, render_too_big_for, uncap, videos_in, wait_for, watch_events
 from tests.test_monitoring import scrape, value
 
 try:
@@ -89,7 +90,7 @@ def test_every_denoising_step_reaches_the_task_state_events_and_metrics(start_wo
 def test_cancel_stops_a_fastvideo_render_at_a_step_and_the_same_worker_serves_on(
     start_worker, producer: Celery, worker_env, s3, bucket, executor
 ):
-    worker, port = start_fastvideo(start_worker, executor)
+    worker, port = start_fastvideo(start_worker, executor, **PACED)  # paced: a render can be held (tests/pacing.py)
     [child] = worker.pool_children()
     runner = model_process(worker, executor)
     steps = 200  # about 40 s of denoising on 2 CPU cores: only a cancel ends it early
@@ -109,12 +110,31 @@ def test_cancel_stops_a_fastvideo_render_at_a_step_and_the_same_worker_serves_on
     assert [path for path in Path(worker_env["SPOOL_DIR"]).rglob("*") if path.is_file()] == []
     assert list(videos_in(s3, bucket)) == []
 
+    # Cancelled after its last denoising step: FastVideo's worker waits for the pool process's word
+    # there, and stops without decoding (held at that point until the cancel is seen).
+    late = producer.send_task("tasks.render", kwargs={"prompt": "late, hold at denoised", "num_inference_steps": 3},
+                              queue="render")  # fmt: skip
+    wait_for(lambda: f"holding {late.id} at denoised" in worker.log, 180, "the last denoising step")
+    outcome = cancel(late.id, producer, wait_s=60)
+    assert (outcome.outcome, outcome.stage, outcome.before) == (Outcome.STOPPED, "decoding", True), outcome
+    wait_for(lambda: worker.log.count(marker) == 2, 30, "FastVideo's worker to log where it stopped")
+    assert int(worker.log.split(marker)[2].split()[0].rstrip(":")) == 3  # after the last step: no decoding
+    assert [path for path in Path(worker_env["SPOOL_DIR"]).rglob("*") if path.is_file()] == []
+    # Cancelled while decoding: the MP4 FastVideo's worker wrote is dropped before encoding (moving it) begins.
+    later = producer.send_task("tasks.render", kwargs={"prompt": "later, hold at decoding", "num_inference_steps": 3},
+                               queue="render")  # fmt: skip
+    wait_for(lambda: f"holding {later.id} at decoding" in worker.log, 180, "decoding")
+    outcome = cancel(later.id, producer, wait_s=60)
+    assert (outcome.outcome, outcome.stage, outcome.before) == (Outcome.STOPPED, "encoding", True), outcome
+    assert [path for path in Path(worker_env["SPOOL_DIR"]).rglob("*") if path.is_file()] == []
+    assert list(videos_in(s3, bucket)) == []
+
     after = producer.send_task("tasks.render", kwargs={"prompt": "after the cancel"}, queue="render").get(timeout=180)
     assert after["worker_pid"] == child.pid and worker.log.count("engine loaded") == 1
     assert model_process(worker, executor).pid == runner.pid  # FastVideo's worker too: no rebuild
     samples = scrape(port)
     assert value(samples, "renderfarm_model_load_seconds_count", model="tiny-wan", engine="fastvideo") == 1
-    assert value(samples, "renderfarm_renders_total", outcome="cancelled") == 1
+    assert value(samples, "renderfarm_renders_total", outcome="cancelled") == 3
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,16 @@ def test_flower_sends_shows_and_cancels_renders_behind_basic_auth(
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": flower.auth}})
     page(browser, flower.base + "/workers", worker.hostname)  # the dashboard lists the worker
+
+    # Its page's Queues tab shows what it consumes (Celery's active_queues): renderfarm workers shows the same.
+    # (Flower asks the worker when the page is opened, within its inspect timeout of 1 s: opened again until it has.)
+    def queues_tab() -> list[str] | None:
+        browser.get(f"{flower.base}/worker/{worker.hostname}")
+        shown = re.search(r'<tbody id="worker-queues">(.*?)</tbody>', browser.page_source, re.S)
+        rows = re.findall(r"<tr>\s*<td>([^<]*)</td>", shown[1]) if shown else []  # a row's first cell: the name
+        return rows or None
+
+    assert wait_for(queues_tab, 60, "the worker's page") == ["render", "render.tiny-wan"]
     finished = page(browser, f"{flower.base}/task/{sent['task-id']}", "SUCCESS")
     assert done["result"]["key"] in finished  # its page shows the result
     cancelled = page(browser, f"{flower.base}/task/{running.id}", "REVOKED")

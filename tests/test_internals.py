@@ -1,4 +1,4 @@
-"""What tasks/worker/ takes from Celery's, kombu's and billiard's internals is still there.
+"""What the farm takes from Celery's, kombu's and billiard's internals is still there.
 
 Each module that reaches into them lists what it uses in ``INTERNALS``; pyproject.toml pins those
 packages to the series this was proven with. A newer release that drops or renames one fails
@@ -24,7 +24,10 @@ MODULES = [
     "tasks.worker.lifecycle",
     "tasks.worker.logs",
     "tasks.worker.healthcheck",
+    "tasks.worker.revoke",
     "renderfarm.flower",
+    "tasks.cancel",
+    "worker_config.redis_backend",
 ]
 PINNED = ("celery", "kombu", "billiard")
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tasks.errors import InvalidRequest
-from tasks.keys import object_key, resolve, seed_for_task
+from tasks.keys import object_key, request_problems, resolve, seed_for_task
 from tasks.profiles import WAN_NEGATIVE_PROMPT_CN, WAN_NEGATIVE_PROMPT_EN
 from tasks.schemas import Limits, RenderRequest
 
@@ -111,3 +111,16 @@ def test_every_rejection_here_carries_the_documented_prefix():
         spec(model="other")
     with pytest.raises(InvalidRequest, match=r"^invalid render request: size: "):
         spec(height=1920, width=1920, num_frames=257)
+
+
+def test_every_problem_at_once_and_no_rule_on_a_field_that_failed_the_schema():
+    from tasks.schemas import check_fields
+
+    request, given, problems = check_fields({"prompt": "x" * 101, "model": "nope", "width": 100, "num_frames": 8})
+    assert request is None and [p.field for p in problems] == ["num_frames", "width"]
+    found = request_problems(given, "tiny-wan", LIMITS, {p.field for p in problems})
+    # No size rule nor pixel budget from width or frames the schema refused (defaults would stand in).
+    assert [str(p) for p in found] == [
+        "model: 'nope' is not served by this queue; available: tiny-wan",
+        "prompt: 101 characters; at most 100 are allowed",
+    ]

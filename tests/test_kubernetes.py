@@ -122,7 +122,10 @@ def test_the_worker_pod_has_what_a_gpu_worker_needs():
         assert command[:3] == ["python", "-m", "tasks.worker.healthcheck"], kind
         build_parser().parse_args(command[3:])
     assert [build_parser().parse_args(c[3:]).probe for c in probes.values()] == ["startup", "live", "ready"]
-    assert worker["startupProbe"]["periodSeconds"] * worker["startupProbe"]["failureThreshold"] >= 30 * 60
+    startup_window = worker["startupProbe"]["periodSeconds"] * worker["startupProbe"]["failureThreshold"]
+    assert startup_window >= 30 * 60
+    # A Ray executor that cannot start says so (and falls back or exits) well inside that window.
+    assert 4 * Settings.model_fields["FASTVIDEO_RAY_START_TIMEOUT_S"].default <= startup_window
 
     # Evicted, drained or scaled away mid-render, a pod gives its render back at the next step with a
     # checkpoint (docs/deploy.md#stopping-a-worker): the grace period covers a step, the save and the exit.

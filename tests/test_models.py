@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from celery import Celery
 
 from tasks.engines.tiny_wan import ensure_tiny_wan
@@ -58,15 +59,18 @@ def test_two_models_on_one_redis_each_get_only_their_own_requests(
         second = start_worker(**farm, MODEL_ID=other, DEVICE="cpu")
         assert early.get(timeout=120)["worker"] == second.hostname
 
-        sent = []
-        for seed in range(2, 5):
-            sent.append((default, producer.send_task("tasks.render", kwargs={"prompt": "default", "seed": seed})))
-            sent.append((default, producer.send_task("tasks.render", kwargs={"prompt": "named", "model": "tiny-wan",
-                                                                              "seed": seed})))  # fmt: skip
-            sent.append((second, producer.send_task("tasks.render", kwargs={"prompt": "other", "model": other,
-                                                                             "seed": seed, **SMALL})))  # fmt: skip
-        # A producer that does not know the farm's DEFAULT_MODEL and names the default model.
-        sent.append((default, unaware.send_task("tasks.render", kwargs={"prompt": "unaware", "model": "tiny-wan"})))
+        # Which queue each kind of producer picks is test_each_kind_of_producer_reaches_the_queue_docs_name
+        # (in-process); here each worker renders what reaches its queues, and only that.
+        sent = [
+            (default, producer.send_task("tasks.render", kwargs={"prompt": "default", "seed": 2})),
+            (default, producer.send_task("tasks.render", kwargs={"prompt": "named", "model": "tiny-wan", "seed": 2})),
+            (
+                second,
+                producer.send_task("tasks.render", kwargs={"prompt": "other", "model": other, "seed": 2, **SMALL}),
+            ),
+            # A producer that does not know the farm's DEFAULT_MODEL and names the default model.
+            (default, unaware.send_task("tasks.render", kwargs={"prompt": "unaware", "model": "tiny-wan"})),
+        ]
         # A producer that does not import the project names the documented queue.
         sent.append((second, bare.send_task("tasks.render", kwargs={"prompt": "bare", "model": other, **SMALL},
                                             queue=other_queue)))  # fmt: skip
@@ -84,13 +88,55 @@ def test_two_models_on_one_redis_each_get_only_their_own_requests(
         assert {(r["model"], r["default"], tuple(r["queues"]), r["workers"]) for r in listed} == {
             ("tiny-wan", True, ("render", "render.tiny-wan"), 1), (other, False, (other_queue,), 1)
         }, listed  # fmt: skip
-        table = cli(env, "models")
-        shown = table.stdout + table.stderr  # the table goes where `renderfarm workers` prints its own
-        assert table.returncode == 0 and "tiny-wan (default)" in shown and other_queue[:12] in shown, shown
+        table = cli(env, "models")  # on stdout, where `renderfarm workers` prints its own
+        assert table.returncode == 0 and "tiny-wan (default)" in table.stdout and other_queue[:12] in table.stdout
+        assert "tiny-wan (default)" not in table.stderr, table.stderr
         samples = scrape(metrics)  # the model is a label of every render series
-        assert value(samples, "renderfarm_renders_total", model="tiny-wan", outcome="success") == 7
+        assert value(samples, "renderfarm_renders_total", model="tiny-wan", outcome="success") == 3
         assert value(samples, "renderfarm_renders_total", model=other) == 0
     finally:
         producer.close()
         bare.close()
         unaware.close()
+
+
+OTHER = "acme/Wan-Other"  # a model id: routing needs no weights
+
+
+@pytest.fixture(scope="module")
+def celery_worker_parameters() -> dict:
+    """The in-process worker consumes what a tiny-wan worker of a farm without DEFAULT_MODEL does, and OTHER's queue."""
+    return {"perform_ping_check": False, "queues": ["render", "render.tiny-wan", queue_for(OTHER, "tiny-wan")]}
+
+
+def test_each_kind_of_producer_reaches_the_queue_docs_name(in_process_worker, redis_server):
+    """docs/api.md's routing, as each kind of producer sends: a Celery worker in this process (pytest-celery's
+    ``celery_worker``, real Redis) answers with the queue each request came from; no model is needed for that."""
+
+    def came_from(self, **_: object) -> str:
+        return str(self.request.delivery_info["routing_key"])
+
+    in_process_worker({"tasks.render": came_from})
+    farm = Celery("farm")  # configured like this project's producers (render.delay): its router, DEFAULT_MODEL
+    farm.conf.update(app_config(BrokerSettings(REDIS_URL=redis_server.url, DEFAULT_MODEL="tiny-wan")))
+    unaware = Celery("unaware")  # the same without DEFAULT_MODEL
+    unaware.conf.update(app_config(BrokerSettings(REDIS_URL=redis_server.url)))
+    bare = Celery("bare", broker=redis_server.url, backend=redis_server.url)  # does not import the project
+    other_queue = queue_for(OTHER, "tiny-wan")
+    try:
+        cases = [
+            (farm, {"prompt": "x"}, {}, "render"),
+            (farm, {"prompt": "x", "model": "tiny-wan"}, {}, "render"),
+            (farm, {"prompt": "x", "model": OTHER}, {}, other_queue),
+            (farm, {"prompt": "x", "model": "..."}, {}, "render"),  # no queue name in it: the worker refuses it there
+            (unaware, {"prompt": "x"}, {}, "render"),
+            (unaware, {"prompt": "x", "model": "tiny-wan"}, {}, "render.tiny-wan"),  # still reaches tiny-wan's workers
+            (bare, {"prompt": "x", "model": OTHER}, {"queue": other_queue}, other_queue),
+            (bare, {"prompt": "x"}, {"queue": "render"}, "render"),
+        ]
+        sent = [(app.send_task("tasks.render", kwargs=kwargs, **options), want) for app, kwargs, options, want in cases]
+        assert [result.get(timeout=60) for result, _ in sent] == [want for _, want in sent]
+        assert other_queue == "render.acme-wan-other"
+    finally:
+        for app in (farm, unaware, bare):
+            app.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -106,6 +107,7 @@ def test_a_failing_write_is_logged_and_the_next_ones_still_go_out(caplog):
                 raise ConnectionError("redis went away")
             super().store_result(task_id, meta, state, request)
 
+    caplog.set_level(logging.WARNING, logger="renderfarm.progress")
     backend = FlakyBackend()
     publisher = ProgressPublisher(min_interval_s=0.0, store=record)
     request = SimpleNamespace(id="task-2", hostname="w@h")

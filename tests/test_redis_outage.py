@@ -79,3 +79,31 @@ def _get(result: Any) -> Any:
         return result.get(timeout=300)
     except Exception as exc:  # noqa: BLE001 - reported by the assertions
         return exc
+
+
+def test_reconnecting_a_producers_result_consumer_closes_what_it_drops(redis_server):
+    """Celery's reconnect of ``.get()``'s pub/sub (after Redis went away) dropped the old pub/sub and
+    the pool's idle connections without closing them; the project's backend closes them: reconnect
+    as often as an outage would, and this process holds no more sockets to Redis than before."""
+    import psutil
+
+    client = project_producer(redis_server.url)
+    try:
+        result = client.AsyncResult("reconnect-probe")
+        consumer = client.backend.result_consumer
+        consumer.start(result.id)
+        client.backend.client.get("warm-the-pool")  # an idle connection in the pool besides the pub/sub
+        port = redis_server.port
+
+        def to_redis() -> int:
+            return sum(1 for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == port)
+
+        before = to_redis()
+        for _ in range(5):
+            consumer._reconnect_pubsub()
+            client.backend.client.get("after-a-reconnect")
+        assert to_redis() <= before
+        assert consumer.subscribed_to == {client.backend.get_key_for_task(result.id)}
+    finally:
+        client.backend.result_consumer.stop()
+        client.close()

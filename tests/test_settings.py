@@ -89,7 +89,13 @@ def test_celery_is_configured_for_long_gpu_jobs(clean_env):
     clean_env.setenv("REDIS_URL", "redis://:pw@redis:6379/2")
     s = get_settings()
     conf = celery_config(s)
-    assert conf["broker_url"] == conf["result_backend"] == "redis://:pw@redis:6379/2"
+    assert conf["broker_url"] == "redis://:pw@redis:6379/2"
+    # Results: Celery's Redis backend that fails at once on a refused password (worker_config/redis_backend.py).
+    from celery.app.backends import by_url
+
+    from worker_config.redis_backend import RedisBackend
+
+    assert by_url(conf["result_backend"]) == (RedisBackend, "redis://:pw@redis:6379/2")
     assert conf["accept_content"] == conf["result_accept_content"] == ["json"]
     assert conf["task_serializer"] == conf["result_serializer"] == "json"
     assert conf["task_acks_late"] is conf["task_reject_on_worker_lost"] is conf["task_track_started"] is True
@@ -170,7 +176,12 @@ def test_sentinel_settings_become_both_transports_options(clean_env):
     expected = {"master_name": "farm", "sentinel_kwargs": {"password": "sentinel-pw"}}
     for options in ("broker_transport_options", "result_backend_transport_options"):
         assert expected.items() <= config[options].items(), options
-    assert config["broker_url"] == config["result_backend"] == get_settings().REDIS_URL
+    from celery.app.backends import by_url
+
+    from worker_config.redis_backend import SentinelBackend
+
+    assert config["broker_url"] == get_settings().REDIS_URL
+    assert by_url(config["result_backend"]) == (SentinelBackend, get_settings().REDIS_URL)
 
     from worker_config.redis_link import redis_client, sentinel_hosts
 

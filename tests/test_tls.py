@@ -2,7 +2,8 @@
 every component that talks to Redis: producers, a worker (broker, result backend, lease keeper,
 metrics), the health probe, `renderfarm doctor` and `renderfarm status`. The test makes its own CA
 and certificates (openssl) and a redis-server that listens with TLS only; a plain connection to
-that port and a certificate from another CA are refused with a clear error.
+that port (``renderfarm doctor``, a worker at start: "speaks TLS", the ``rediss://`` form) and a
+certificate from another CA are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -154,9 +155,21 @@ def test_every_component_works_over_tls_and_nothing_else_gets_in(tls_redis: TlsR
         assert [q["name"] for q in queues["active_queues"]] == ["render", "render.tiny-wan"], queues
         assert flower.json(f"/api/task/result/{result.id}")["state"] == "SUCCESS"
 
-    # A plain connection to the TLS port, and a server certificate checked against another CA: refused.
-    plain = cli({**env, "REDIS_URL": f"redis://127.0.0.1:{tls_redis.port}/0"}, "doctor", "--producer")
-    assert plain.returncode != 0 and "Redis at REDIS_URL does not answer" in plain.stdout + plain.stderr
+    # A plain connection to the TLS port: refused, and named as such with the rediss:// form, by doctor
+    # and by a worker at start (which exits: it could never connect); another CA: refused.
+    plain_url = f"redis://127.0.0.1:{tls_redis.port}/0"
+    plain = cli({**env, "REDIS_URL": plain_url}, "doctor", "--producer")
+    lines = plain.stderr.splitlines()
+    assert plain.returncode == 1 and lines[0] == (
+        f"FAIL broker: Redis at REDIS_URL ({plain_url}) speaks TLS (it answered a TLS handshake) and REDIS_URL is a "
+        "plain redis:// URL: the server resets plain connections"
+    ), plain.stderr
+    rediss = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.crt"
+    assert lines[1].strip() == f"fix: use rediss:// with the CA that signed the server's certificate: {rediss}"
+    refused = start_worker(wait=False, REDIS_URL=plain_url)
+    assert refused.proc.wait(60) == 2
+    assert f"renderfarm worker: FATAL: Redis at REDIS_URL ({plain_url}) speaks TLS" in refused.log
+    assert rediss in refused.log and "engine loaded" not in refused.log
     other = cli({**env, "REDIS_URL": tls_redis.url_with(tls_redis.other_ca)}, "doctor", "--producer")
     assert other.returncode != 0 and "certificate verify failed" in other.stdout + other.stderr
 

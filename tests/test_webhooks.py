@@ -6,18 +6,26 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tasks.errors import InvalidRequest
 from tasks.keys import object_key, resolve
+
+# Imported before any in-process app exists: tasks.deliver_webhook is a shared task, so each such app has it.
+from tasks.pipeline.webhook_delivery import WebhookFailed, WebhookRejected
 from tasks.schemas import Limits, parse_request
 from tasks.webhook import WebhookPolicy, check_url, verify
-from tests.support import free_port, wait_for, watch_events
+from tests.support import ROOT, TestWorker, free_port, wait_for, watch_events
+from tests.test_monitoring import scrape, value
 
 SECRET = "test-webhook-secret"
 SMALL = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 1}
@@ -66,6 +74,11 @@ def receiver():
         r.close()
 
 
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "renderfarm.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
 def send(producer, kwargs: dict):
     return producer.send_task("tasks.render", kwargs=kwargs, queue="render")
 
@@ -107,18 +120,6 @@ def test_success_posts_the_signed_result_and_the_url_does_not_change_the_key(sta
     # render would have run before this next render did.
     send(producer, {"prompt": "barrier", **SMALL}).get(timeout=60)
     assert len(hook.deliveries) == 1
-
-
-def test_a_failing_receiver_is_retried_with_backoff_until_it_accepts(start_worker, producer, receiver):
-    hook = receiver(fail=2)
-    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
-    result = send(producer, {"prompt": "retry me", "webhook_url": hook.url, **SMALL})
-    result.get(timeout=60)
-    wait_for(lambda: "webhook render.succeeded delivered to" in worker.log, 60, "the delivery to succeed")
-    assert len(hook.deliveries) == 3  # two 503s, then accepted: the delivery ended, no more
-    payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
-    assert [h["x-renderfarm-attempt"] for h, _ in hook.deliveries] == ["1", "2", "3"]
-    assert {p["delivery_id"] for p in payloads} == {f"{result.id}:render.succeeded"}
 
 
 def test_a_failed_render_posts_its_error(start_worker, producer, receiver):
@@ -182,6 +183,7 @@ def test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_n
     # Nor do the states stored in Redis (the render's and each delivery's): no task's arguments are kept there.
     stored = [redis_server.client.get(key) for key in redis_server.client.keys("celery-task-meta-*")]
     assert len(stored) >= 2 and not any(token.encode() in value for value in stored)
+    assert producer.AsyncResult(result.id).state == "SUCCESS"  # the delivery failed, the render's outcome stands
 
 
 def limits(allowed: str, secret: str | None = SECRET) -> Limits:
@@ -258,18 +260,125 @@ def test_webhooks_are_refused_without_a_secret():
         check_url("https://hooks.example.com/x", WebhookPolicy.parse("*.example.org", "s"), resolve=False)
 
 
-def test_a_separate_webhook_queue_is_served_by_a_light_threads_worker(start_worker, producer, receiver):
+# docs/monitoring.md's webhook worker, exactly as written there, and README's render worker command.
+WEBHOOK_WORKER = ["-m", "celery", "-A", "tasks", "worker", "-Q", "webhooks", "--pool=threads", "--concurrency=8",
+                  "-n", "webhooks@%h"]  # fmt: skip
+RENDER_WORKER = ["-m", "renderfarm.cli", "worker"]
+
+
+def documented_worker(tmp_path, env: dict[str, str], name: str, argv: list[str]) -> TestWorker:
+    """A worker started by its documented command line (``name`` is its node name before '@')."""
+    return TestWorker(name, env, tmp_path / f"{name}.log", command=[sys.executable, *argv])
+
+
+def answers(producer, worker: TestWorker) -> bool:
+    """The worker answers a ping (the webhook worker logs at WARNING: no "ready" line to wait for)."""
+    if worker.proc.poll() is not None:
+        raise RuntimeError(f"worker {worker.name} exited with {worker.proc.returncode}:\n{worker.log[-3000:]}")
+    return bool(producer.control.ping(destination=[worker.hostname], timeout=0.5))
+
+
+def consumed(producer, worker: TestWorker) -> list[str]:
+    """The queues ``worker`` consumes now, as Celery reports them (what Flower's worker page shows)."""
+    replies = producer.control.inspect(destination=[worker.hostname], timeout=2).active_queues() or {}
+    return sorted(q["name"] for q in replies.get(worker.hostname, []))
+
+
+def test_the_documented_webhook_worker_takes_no_render_and_delivers(worker_env, producer, receiver, tmp_path):
+    """issue 25.1: it used to consume `render` and `render.<model>` too and failed renders with EngineNotReady."""
     hook = receiver()
-    env = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
-    renderer = start_worker(**env)
-    notifier = start_worker(wait=False, args=("-Q", "webhooks", "--pool=threads", "--concurrency=4"), **env)
-    wait_for(lambda: " ready." in notifier.log, 60, "the webhook worker")
-    result = send(producer, {"prompt": "elsewhere", "webhook_url": hook.url, **SMALL})
-    result.get(timeout=60)
-    wait_for(lambda: hook.deliveries, 30, "the webhook")
-    assert check_signature(*hook.deliveries[0])["event"] == "render.succeeded"
-    assert "tasks.deliver_webhook[" in notifier.log and "engine loaded" not in notifier.log  # no model there
-    assert "deliver_webhook[" not in renderer.log
+    env = {**worker_env, "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
+    renderer = documented_worker(tmp_path, env, "render-tiny-wan", RENDER_WORKER)  # its default name
+    notifier = documented_worker(tmp_path, env, "webhooks", WEBHOOK_WORKER)
+    received: list[dict] = []
+    try:
+        wait_for(lambda: answers(producer, notifier), 60, "the webhook worker to answer")
+        renderer.wait_ready()
+        assert consumed(producer, notifier) == ["webhooks"]
+        assert consumed(producer, renderer) == ["render", "render.tiny-wan", "webhooks"]
+        with watch_events(producer, {"task-received": received.append}):
+            sent = [send(producer, {"prompt": f"hooked {n}", "seed": n, "webhook_url": hook.url, **SMALL})
+                    for n in range(10)]  # fmt: skip
+            values = [result.get(timeout=120) for result in sent]
+            assert [producer.AsyncResult(r.id).state for r in sent] == ["SUCCESS"] * 10
+            wait_for(lambda: len(hook.deliveries) >= 10, 60, "every delivery")
+        payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
+        assert sorted(p["delivery_id"] for p in payloads) == sorted(f"{r.id}:render.succeeded" for r in sent)
+        assert {p["task_id"]: p["result"]["key"] for p in payloads} == {
+            r.id: v["key"] for r, v in zip(sent, values, strict=True)
+        }
+        # Who received what, from the workers' own events: every render by the render worker, none by the other.
+        renders = [e["hostname"] for e in received if e.get("name") == "tasks.render"]
+        assert renders == [renderer.hostname] * 10, renders
+        assert consumed(producer, notifier) == ["webhooks"]
+        listed = {w["worker"]: w for w in json.loads(cli(env, "workers", "--json").stdout)}
+        assert (listed[notifier.hostname]["queues"], listed[notifier.hostname]["renders"]) == (["webhooks"], False)
+        assert listed[notifier.hostname]["model"] is None and listed[renderer.hostname]["model"] == "tiny-wan"
+        assert listed[renderer.hostname]["queues"] == ["render", "render.tiny-wan", "webhooks"]
+    finally:
+        notifier.stop()
+        renderer.stop()
+    assert "tasks.render" not in notifier.log and "engine" not in notifier.log, notifier.log[-3000:]
+
+
+def test_a_render_that_reaches_a_worker_without_an_engine_is_given_back_once_and_rendered_elsewhere(
+    worker_env, producer, receiver, redis_server, tmp_path
+):
+    """Defence in depth: a render queue added to the webhook worker at run time (Flower's "add consumer")."""
+    hook = receiver()
+    metrics = free_port()
+    env = {**worker_env, "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:*", "WEBHOOK_QUEUE": "webhooks"}
+    notifier = documented_worker(tmp_path, {**env, "METRICS_PORT": str(metrics)}, "webhooks", WEBHOOK_WORKER)
+    renderer = None
+    received: list[dict] = []
+    try:
+        wait_for(lambda: answers(producer, notifier), 60, "the webhook worker to answer")
+        producer.control.add_consumer("render", destination=[notifier.hostname], reply=True)
+        wait_for(lambda: consumed(producer, notifier) == ["render", "webhooks"], 30, "the added consumer")
+        with watch_events(producer, {"task-received": received.append, "task-rejected": received.append}):
+            result = send(producer, {"prompt": "strayed", "seed": 3, "webhook_url": hook.url, **SMALL})
+            # Given back, not failed: waiting in its queue again, and the worker stopped taking renders.
+            wait_for(lambda: consumed(producer, notifier) == ["webhooks"], 60, "the worker to stop consuming render")
+            wait_for(lambda: redis_server.client.llen("render") == 1, 30, "the render back in its queue")
+            assert result.state == "PENDING"
+            samples = scrape(metrics)
+            assert value(samples, "renderfarm_renders_requeued_total", queue="render", reason="no_engine") == 1
+            assert value(samples, "renderfarm_renders_total") == 0  # no render outcome counted there
+            # A render worker starts: the same render is rendered there, once, and its webhook delivered.
+            renderer = documented_worker(tmp_path, env, "render-tiny-wan", RENDER_WORKER).wait_ready()
+            assert result.get(timeout=120)["worker"] == renderer.hostname
+            wait_for(lambda: hook.deliveries, 60, "the delivery")
+        assert check_signature(*hook.deliveries[0])["event"] == "render.succeeded" and len(hook.deliveries) == 1
+        seen = [(e["type"], e["hostname"]) for e in received if e.get("uuid") == result.id]
+        assert seen == [("task-received", notifier.hostname), ("task-rejected", notifier.hostname),
+                        ("task-received", renderer.hostname)], seen  # fmt: skip
+        assert value(scrape(metrics), "renderfarm_renders_requeued_total") == 1  # it did not come back there
+    finally:
+        notifier.stop()
+        if renderer is not None:
+            renderer.stop()
+    assert "no engine is loaded in this process: it is not a render worker" in notifier.log
+    assert "webhooks@" in notifier.log and "stops consuming render" in notifier.log
+    assert "EngineNotReady" not in notifier.log
+
+
+def test_a_render_that_keeps_coming_back_to_one_process_waits_longer_each_time():
+    """Should a worker without an engine go on taking one render, it is not a hot loop (tasks/pipeline/stray.py)."""
+    from tasks.pipeline.stray import MAX_WAIT_S, wait_before_giving_back
+
+    assert [wait_before_giving_back("back-again") for _ in range(8)] == [0, 1, 2, 4, 8, 16, MAX_WAIT_S, MAX_WAIT_S]
+    assert wait_before_giving_back("another") == 0  # each render its own count: the first return is immediate
+
+
+def test_a_worker_whose_pool_cannot_load_an_engine_refuses_render_queues(worker_env):
+    """A threads worker with `-Q render`, or with no -Q (Celery's default queue is `render`), would fail renders."""
+    for queues in (["-Q", "render,webhooks"], []):
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=threads", *queues, "-n", "t@%h"],
+            cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, (queues, done.stderr[-2000:])
+        assert "FATAL: a --pool=threads worker cannot render" in done.stderr and "-Q webhooks" in done.stderr
 
 
 def test_buffer_mode_posts_once_the_background_upload_stored_the_video(start_worker, producer, receiver):
@@ -283,25 +392,76 @@ def test_buffer_mode_posts_once_the_background_upload_stored_the_video(start_wor
     assert "uploading" in payload["result"]["timings"]  # sent after the upload, not at hand-over
 
 
-def test_each_answer_of_a_receiver_ends_or_retries_the_delivery_as_documented(start_worker, producer, receiver):
-    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1")
+# ------------------------------------------------------------------------------------------------
+# The delivery policy itself: tasks.deliver_webhook as declared, run by a Celery worker in this process
+# (pytest-celery's celery_worker) on the real Redis, against real receivers. No render is needed for it.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deliver(in_process_worker, producer):
+    """``deliver(url)``: queue one ``render.succeeded`` delivery as a render worker does (``s9_notify``: top
+    priority, the webhook queue, here ``render``); its AsyncResult. The task is this project's own (its
+    declaration's retry policy, its body), with the signing secret and allow-list from this process's
+    environment."""
+    from tasks.pipeline.s9_notify import event_payload
+    from worker_config.settings import get_settings
+
+    saved = {name: os.environ.get(name) for name in ("WEBHOOK_SECRET", "WEBHOOK_ALLOWED_HOSTS")}
+    os.environ.update(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="127.0.0.1:*")
+    get_settings.cache_clear()
+    try:
+        worker = in_process_worker({})  # deliver_webhook is a shared task: the in-process app has it
+        task = worker.app.tasks["tasks.deliver_webhook"]
+
+        def send_delivery(url: str, max_retries: int | None = None):
+            if max_retries is not None:
+                task.max_retries = max_retries  # this app's copy of the task only
+            payload = event_payload(str(uuid.uuid4()), "render.succeeded", result={"key": "renders/x.mp4"})
+            return producer.send_task(task.name, kwargs={"url": url, "payload": payload}, queue="render", priority=0)
+
+        yield send_delivery
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
+
+
+def test_a_failing_receiver_is_retried_with_backoff_until_it_accepts(deliver, receiver):
+    hook = receiver(fail=2)
+    assert deliver(hook.url).get(timeout=60) == {"status": 200, "attempts": 3}  # two 503s, then accepted: no more
+    assert len(hook.deliveries) == 3
+    payloads = [check_signature(headers, body) for headers, body in hook.deliveries]
+    assert [h["x-renderfarm-attempt"] for h, _ in hook.deliveries] == ["1", "2", "3"]
+    assert len({p["delivery_id"] for p in payloads}) == 1  # receivers deduplicate on it
+
+
+def test_each_answer_of_a_receiver_ends_or_retries_the_delivery_as_documented(deliver, receiver):
     retried = {code: receiver(fail=1, fail_status=code) for code in (408, 425, 429, 500)}  # then 200
     final = {code: receiver(status=code) for code in (301, 400, 404, 410)}  # said no: never again
-    for hook in [*retried.values(), *final.values()]:
-        send(producer, {"prompt": "answers", "webhook_url": hook.url, **SMALL}).get(timeout=60)
-    wait_for(lambda: all(len(h.deliveries) == 2 for h in retried.values()), 90, "each retried delivery's 2nd try")
-    wait_for(lambda: worker.log.count("refused the delivery") == len(final), 60, "each refusal")
-    send(producer, {"prompt": "barrier", **SMALL}).get(timeout=60)  # deliveries run before the next render
-    assert {code: len(h.deliveries) for code, h in final.items()} == dict.fromkeys(final, 1)
+    sent = {code: deliver(hook.url) for code, hook in [*retried.items(), *final.items()]}
+    for code in retried:
+        assert sent[code].get(timeout=60) == {"status": 200, "attempts": 2}, code
     for code in final:
-        assert f"refused the delivery: HTTP {code} (not retried)" in worker.log
+        with pytest.raises(WebhookRejected, match=rf"refused the delivery: HTTP {code} \(not retried\)"):
+            sent[code].get(timeout=60)
+    assert {code: len(hook.deliveries) for code, hook in [*retried.items(), *final.items()]} == {
+        **dict.fromkeys(retried, 2),
+        **dict.fromkeys(final, 1),
+    }
 
 
-def test_a_receiver_down_until_the_retries_run_out_fails_the_delivery_not_the_render(start_worker, producer):
+def test_a_receiver_down_until_the_retries_run_out_fails_the_delivery(deliver, receiver):
     down = f"http://127.0.0.1:{free_port()}/hooks/render"  # nothing listens there
-    worker = webhook_worker(start_worker, WEBHOOK_RETRY_BACKOFF_S="1", WEBHOOK_MAX_RETRIES="2")
-    result = send(producer, {"prompt": "nobody listens", "webhook_url": down, **SMALL})
-    assert result.get(timeout=60)["key"]  # the render's own outcome stands
-    wait_for(lambda: "raised unexpected: WebhookFailed" in worker.log, 90, "the delivery to give up")
-    assert worker.log.count("Retry in") == 2 and "unreachable" in worker.log
-    assert producer.AsyncResult(result.id).state == "SUCCESS"
+    failing = receiver(fail=99)  # answers 503 every time
+    unreachable, refused = deliver(down, max_retries=2), deliver(failing.url, max_retries=2)
+    with pytest.raises(WebhookFailed, match="unreachable"):
+        unreachable.get(timeout=60)
+    with pytest.raises(WebhookFailed, match="answered HTTP 503"):
+        refused.get(timeout=60)
+    # 1 + 2 retries, then the delivery failed; a render's own outcome stands (a real render and worker:
+    # test_a_host_that_does_not_resolve_yet_is_retried_at_delivery_and_its_token_never_shows).
+    assert len(failing.deliveries) == 3

@@ -16,6 +16,8 @@ Why each value (see docs/settings.md for the operator's view):
 - a Redis outage of a few minutes is waited out, not failed: result and state writes retry
   (``result_backend_max_retries``, about 4 minutes with Celery's backoff of up to 10 s) and a
   producer's ``.get()`` reconnects once a second for ``REDIS_OUTAGE_S`` (tests/test_redis_outage.py).
+  A refused password is not an outage: the result backend (worker_config/redis_backend.py) ends
+  at once, naming it, where Celery's own would retry it for those 4 minutes (tests/test_redis_auth.py).
 - Redis Sentinel where REDIS_URL names sentinels: a failover is a Redis outage of a few seconds,
   survived as above (tests/test_sentinel.py, docs/reliability.md#sentinel).
 - message priorities (high 0, normal 3, low 9) on kombu's default Redis priority lists, so a
@@ -27,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from worker_config.redis_link import transport_options
+from worker_config.redis_link import backend_url, transport_options
 from worker_config.routing import RENDER_QUEUE, RenderRouter
 from worker_config.settings import BrokerSettings, Settings
 
@@ -62,7 +64,8 @@ def app_config(broker: BrokerSettings) -> dict[str, Any]:
     sentinel = transport_options(broker)
     return {
         "broker_url": broker.REDIS_URL,
-        "result_backend": broker.REDIS_URL,
+        # Celery's Redis backend, except that a refused password fails at once (worker_config/redis_backend.py).
+        "result_backend": backend_url(broker.REDIS_URL),
         # Priorities (Redis): one list per step, `render` (0, served first), then `render<sep>3`,
         # `<sep>6`, `<sep>9`; a worker pops the best non-empty list first. Steps and separator are
         # kombu's defaults, on purpose: a producer that does not load this configuration computes

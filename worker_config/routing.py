@@ -4,9 +4,11 @@
 - A request for any other model X goes to ``render.<slug of X>``: the model id lower-cased, each
   run of characters other than ``a-z 0-9 . _ -`` replaced by ``-`` (``queue_for``; e.g.
   ``FastVideo/FastWan2.1-T2V-1.3B-Diffusers`` -> ``render.fastvideo-fastwan2.1-t2v-1.3b-diffusers``).
-- A worker consumes its own model's queue, always (a producer that does not know the farm's
+- A render worker consumes its own model's queue, always (a producer that does not know the farm's
   ``DEFAULT_MODEL`` and names the model still reaches it); also ``render`` when it serves the
   default model, or when no ``DEFAULT_MODEL`` is set (a single-model farm: ``render`` as before).
+  ``is_render_queue`` tells a render queue from any other (``webhooks``); which workers are render
+  workers is decided as a worker starts (``tasks/worker/queues.py``).
 
 Producers that import this project get this from a Celery router (``RenderRouter`` in
 ``app_config``): ``render.delay(model=X)`` lands on X's queue with nothing else configured. A
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["RENDER_QUEUE", "RENDER_TASK", "RenderRouter", "queue_for", "worker_queues"]
+__all__ = ["RENDER_QUEUE", "RENDER_TASK", "RenderRouter", "is_render_queue", "queue_for", "worker_queues"]
 
 RENDER_QUEUE = "render"
 RENDER_TASK = "tasks.render"
@@ -35,6 +37,11 @@ def queue_for(model: str | None, default_model: str | None) -> str:
     if not slug:
         raise ValueError(f"model {model!r} has no letter or digit to name its queue by")
     return f"{RENDER_QUEUE}.{slug}"
+
+
+def is_render_queue(name: str) -> bool:
+    """``render`` or ``render.<model>``: a queue that carries ``tasks.render`` (and only render workers consume)."""
+    return name == RENDER_QUEUE or name.startswith(f"{RENDER_QUEUE}.")
 
 
 def worker_queues(model_id: str, default_model: str | None) -> list[str]:

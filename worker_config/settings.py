@@ -15,6 +15,7 @@ names the variable and what is allowed.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import tempfile
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -62,6 +63,10 @@ class BrokerSettings(BaseSettings):
     # gateway, `renderfarm upload-image`) check the same limits first.
     MAX_IMAGE_BYTES: int = Field(10 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     MAX_IMAGE_PIXELS: int = Field(6000 * 6000, ge=16 * 16, le=100_000_000)
+    # Request limits: a prompt's characters, and width x height x frames. Workers check them; the
+    # HTTP gateway checks the same first, so that a request it accepts is not refused by a worker.
+    MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
+    MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
 
     @field_validator("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "DEFAULT_MODEL", mode="before")
     @classmethod
@@ -147,9 +152,18 @@ class Settings(BrokerSettings):
     ) = None  # fmt: skip
     # [VSA_sparsity]: the share of attention tiles video sparse attention skips (FastWan: 0.8-0.9).
     FASTVIDEO_VSA_SPARSITY: float | None = Field(None, ge=0.0, lt=1.0)
+    # The address FastVideo's Ray executor asks Ray to place its workers at (FastVideo reads it from
+    # this variable: its get_ip() otherwise guesses from the default route, and answers 0.0.0.0 on a
+    # host without one). Unset: the engine sets it to the address of the pool child's own Ray node.
+    FASTVIDEO_HOST_IP: str | None = None
+    # How long a pool child waits for FastVideo's Ray executor to get its placement group at start
+    # (FastVideo's own wait is 1800 s, silent); then the worker falls back or exits with the diagnosis.
+    # Well under the start-up probe's window (docs/deploy.md#probes).
+    FASTVIDEO_RAY_START_TIMEOUT_S: float = Field(120.0, gt=0, le=1800)
     # What a pool child tries, in order, when the self-check finds FastVideo's mp executor cannot
-    # run here (multiprocessing or /dev/shm unusable): "ray" (FastVideo with the Ray executor),
-    # "diffusers" (the diffusers engine). Comma-separated; "none" or "" = exit with the diagnosis.
+    # run here (multiprocessing or /dev/shm unusable), or FastVideo's Ray executor did not start:
+    # "ray" (FastVideo with the Ray executor), "diffusers" (the diffusers engine). Comma-separated;
+    # "none" or "" = exit with the diagnosis.
     ENGINE_FALLBACKS: str = "ray,diffusers"
     # Free space /dev/shm must have for FastVideo's mp executor (Docker's default is 64 MB).
     MIN_SHM_MB: int = Field(1024, ge=0)
@@ -194,10 +208,6 @@ class Settings(BrokerSettings):
     # node dies. 0 turns checkpoints off. See docs/reliability.md#checkpoints for the default.
     CHECKPOINT_EVERY_S: float = Field(30.0, ge=0, le=3600)
 
-    # Request limits.
-    MAX_PROMPT_CHARS: int = Field(2000, ge=1, le=100_000)
-    MAX_PIXEL_FRAMES: int = Field(1280 * 720 * 129, ge=16 * 16)
-
     # --- Operator and producer experience (issue 6): metrics, logs, webhooks ----------------------
     # Prometheus metrics served by the worker's main process on this port (0 = off); each worker
     # on a host needs its own port (`renderfarm worker` gives the N-th GPU worker METRICS_PORT+N).
@@ -225,7 +235,7 @@ class Settings(BrokerSettings):
         return None if value in ("", "auto") else value
 
     @field_validator("FASTVIDEO_ATTENTION_BACKEND", "FASTVIDEO_VSA_SPARSITY", "MINIO_CA_BUNDLE", "MODEL_REVISION",
-                     mode="before")  # fmt: skip
+                     "FASTVIDEO_HOST_IP", mode="before")  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -234,6 +244,16 @@ class Settings(BrokerSettings):
     @classmethod
     def _model_id_names_a_queue(cls, value: str) -> str:
         queue_for(value, None)  # ValueError: no letter or digit to name its queue by
+        return value
+
+    @field_validator("FASTVIDEO_HOST_IP")
+    @classmethod
+    def _host_ip_is_an_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError("use an IPv4 or IPv6 address (Ray's node address), or leave it unset") from None
         return value
 
     @field_validator("ENGINE_FALLBACKS", mode="before")

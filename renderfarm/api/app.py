@@ -1,33 +1,48 @@
 """The FastAPI application: OpenAI's videos endpoints on this farm's queue.
 
-Errors are OpenAI's error objects (``{"error": {"message", "type", "param", "code"}}``) with
-their status codes: 400 naming the parameter, 401 without a valid key, 404 for a video that does
-not exist or is not the key's, 413 for a body over ``API_MAX_BODY_BYTES`` (refused from its
-``Content-Length`` before reading, or once a chunked body passes the limit). Every response carries
-``x-request-id`` (the client's, or a new one), and the gateway's log lines name it; keys are never
-logged. 429 when a key is over its rate or its concurrency quota (``quotas``), with Retry-After.
+Errors are OpenAI's error objects (``errors``) with their status codes: 400 naming every bad
+parameter, 401 without a valid key, 404 for a video that does not exist or is not the key's (and
+for any other path: no redirect is ever built from the request, a trailing slash included), 413
+for a body over ``API_MAX_BODY_BYTES`` (refused from its ``Content-Length`` before reading, or
+once a chunked body passes the limit), 429 when a key is over its rate or its concurrency quota
+(``quotas``), 503 when Redis is unavailable, both with Retry-After. ``guard`` gives every request
+its id, log line and body deadline, and turns what escapes the routes into answers.
+
+Nothing here blocks the event loop: every Redis call (records, quotas, the queue, task states)
+runs in a worker thread and gives up after ``API_REDIS_TIMEOUT_S``.
 ``input_reference``: a multipart file, or a data URL in JSON, for models that take an image.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from renderfarm.api.errors import UNAVAILABLE, ApiError, quoted, unavailable
+from renderfarm.api.guard import RequestGuard
 from renderfarm.api.keys import KeyRing
-from renderfarm.api.quotas import QuotaExceeded, Quotas
+from renderfarm.api.quotas import Admission, QuotaExceeded, Quotas
 from renderfarm.api.records import Records
 from renderfarm.api.settings import ApiSettings
-from renderfarm.api.videos import BadParameter, reference_image, render_kwargs, shown_size_and_seconds, video_object
+from renderfarm.api.videos import (
+    BadParameter,
+    cancellation_of,
+    reference_image,
+    render_kwargs,
+    shown_size_and_seconds,
+    video_object,
+)
+from tasks.schemas import Limits
 
 __all__ = ["ApiError", "create_app"]
 
@@ -52,44 +67,29 @@ _CREATE_BODY = {
 }
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
-
-
 def create_app(settings: ApiSettings) -> FastAPI:
     from tasks import app as celery_app
     from tasks import render
     from tasks.cancel import cancel
     from worker_config.redis_link import redis_client
 
+    _fail_fast(celery_app, settings.API_REDIS_TIMEOUT_S)
     keys = KeyRing(settings.API_KEYS_FILE)
     signer = _signer()
-    client = redis_client(settings, timeout_s=10, connect_timeout_s=5)
+    client = redis_client(settings, timeout_s=settings.API_REDIS_TIMEOUT_S,
+                          connect_timeout_s=min(5.0, settings.API_REDIS_TIMEOUT_S))  # fmt: skip
     records = Records(client, settings.API_VIDEO_TTL_S)
+    limits = Limits(max_prompt_chars=settings.MAX_PROMPT_CHARS, max_pixel_frames=settings.MAX_PIXEL_FRAMES,
+                    models=settings.models, max_image_bytes=settings.MAX_IMAGE_BYTES,
+                    max_image_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
 
     def states(ids: list[str]) -> list[str]:
         return [celery_app.AsyncResult(i).state for i in ids]
 
     quotas = Quotas(client, settings.API_RATE_LIMIT_PER_MIN, settings.API_MAX_ACTIVE, states)
-    api = FastAPI(title="renderfarm videos API (OpenAI-compatible)", version="1")
-
-    @api.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
-        request.state.request_id = rid
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        log.info("%s %s %s %d %.0fms", rid, request.method, request.url.path, response.status_code,
-                 1000 * (time.perf_counter() - started))  # fmt: skip
-        return response
+    # No redirect is ever made from the request (Starlette's trailing-slash one uses the Host header).
+    api = FastAPI(title="renderfarm videos API (OpenAI-compatible)", version="1", redirect_slashes=False)
+    api.add_middleware(RequestGuard, body_timeout_s=settings.API_BODY_TIMEOUT_S)
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -101,9 +101,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        param = str(err["loc"][-1]) if err.get("loc") else None
-        return ApiError(400, f"{param}: {err['msg']}", param=param).response()
+        problems = []
+        for err in exc.errors():
+            param = str(err["loc"][-1]) if err.get("loc") else "request"
+            problems.append((param, f"{param}: {err['msg']}"))
+        return ApiError.bad_parameters(problems).response()
 
     def owner_of(request: Request) -> str:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -114,36 +116,37 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return owner
 
     async def body_of(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > settings.API_MAX_BODY_BYTES:
-            raise ApiError(413, f"Request body of {declared} bytes is over the limit of "
-                           f"{settings.API_MAX_BODY_BYTES} bytes", code="request_too_large")  # fmt: skip
+        """The body, read within the guard's deadline; 413 (and the connection closed) past the limit."""
+        limit = settings.API_MAX_BODY_BYTES
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+            raise ApiError(413, f"Request body of {quoted(declared)} bytes is over the limit of {limit} bytes",
+                           code="request_too_large", headers={"connection": "close"})  # fmt: skip
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > settings.API_MAX_BODY_BYTES:
-                raise ApiError(413, f"Request body is over the limit of {settings.API_MAX_BODY_BYTES} bytes",
-                               code="request_too_large")  # fmt: skip
+            if len(body) > limit:
+                raise ApiError(413, f"Request body is over the limit of {limit} bytes", code="request_too_large",
+                               headers={"connection": "close"})  # fmt: skip
         return bytes(body)
 
-    async def params_of(request: Request) -> tuple[dict[str, str], bytes | str | None]:
-        """The form's parameters, and ``input_reference``: a file's bytes, a JSON string, or None."""
+    async def params_of(request: Request) -> tuple[dict[str, Any], bytes | str | None]:
+        """The form's parameters (JSON values as they came), and ``input_reference``: a file's bytes, a
+        JSON string, or None."""
         body = await body_of(request)
         kind = request.headers.get("content-type", "")
         if kind.startswith("application/json"):
-            import json
-
             try:
                 data = json.loads(body or b"{}")
-            except ValueError:
-                raise ApiError(400, "The body is not valid JSON") from None
+            except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+                raise ApiError(400, "The body is not valid JSON", code="invalid_json") from None
             if not isinstance(data, dict):
-                raise ApiError(400, "The body must be a JSON object")
+                raise ApiError(400, "The body must be a JSON object", code="invalid_json")
             reference = data.pop("input_reference", None)
             if reference is not None and not isinstance(reference, str):
                 raise ApiError(400, "input_reference: in JSON, a data:image/png|jpeg|webp;base64,... URL; or send "
                                "the file as multipart/form-data", param="input_reference")  # fmt: skip
-            return {k: str(v) for k, v in data.items() if v is not None}, reference
+            return {k: v for k, v in data.items() if v is not None}, reference
         if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
 
             async def replay() -> dict[str, Any]:
@@ -152,7 +155,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             form = await Request(request.scope, receive=replay).form()
             file = form.get("input_reference")
             reference = file if isinstance(file, str) or file is None else await file.read()
-            return {k: v for k, v in form.items() if isinstance(v, str) and k != "input_reference"}, reference
+            params = {k: (v if isinstance(v, str) else b"") for k, v in form.items() if k != "input_reference"}
+            await form.close()
+            return params, reference
         raise ApiError(400, "Send the parameters as JSON or multipart/form-data")
 
     def current(record: dict[str, Any]) -> dict[str, Any]:
@@ -165,44 +170,55 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def found(video_id: str, owner: str) -> dict[str, Any]:
         record = records.get(video_id, owner)
         if record is None:
-            raise ApiError(404, f"No video found with id '{video_id}'", param="video_id", code="not_found")
+            raise ApiError(404, f"No video found with id {quoted(video_id)}", param="video_id", code="not_found")
         return record
+
+    def queue(record: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        records.add(record)
+        render.apply_async(kwargs=kwargs, task_id=record["id"])
+
+    def take_back(record: dict[str, Any], admission: Admission) -> None:
+        """What a create that failed wrote (its record, its quota counts), as far as Redis lets."""
+        try:
+            records.remove(record)
+            quotas.refund(admission)
+        except UNAVAILABLE as exc:
+            log.warning("could not take back %s after its create failed: %s", record["id"], exc)
 
     @api.post("/v1/videos", openapi_extra={"requestBody": _CREATE_BODY})
     async def create_video(request: Request) -> JSONResponse:
         owner = owner_of(request)
         params, reference = await params_of(request)
-        try:
-            kwargs = render_kwargs(params, settings.models)
-            if reference is not None:
+        kwargs, problems = render_kwargs(params, limits)
+        if reference is not None and "model" in kwargs:
+            try:
                 kwargs["image"] = await run_in_threadpool(
                     reference_image, reference, kwargs["model"], settings.MAX_IMAGE_BYTES, settings.MAX_IMAGE_PIXELS
                 )
-        except BadParameter as exc:
-            raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+            except BadParameter as exc:
+                problems.append((exc.param, str(exc)))
+        if problems:
+            raise ApiError.bad_parameters(problems)
         size, seconds = shown_size_and_seconds(kwargs, params)
         now = int(time.time())
         video_id = f"video_{uuid.uuid4().hex}"
         try:
-            quotas.admit(owner, video_id)
+            admission = await run_in_threadpool(quotas.admit, owner, video_id)
         except QuotaExceeded as exc:
-            response = ApiError(429, str(exc), code=exc.code, kind="rate_limit_error").response()
-            response.headers["retry-after"] = str(exc.retry_after_s)
-            return response
+            raise ApiError(429, str(exc), code=exc.code, kind="rate_limit_error",
+                           headers={"retry-after": str(exc.retry_after_s)}) from None  # fmt: skip
         record = {
             "id": video_id, "owner": owner, "model": kwargs["model"], "prompt": kwargs["prompt"],
             "size": size, "seconds": seconds,
             "created_at": now, "expires_at": now + settings.API_VIDEO_TTL_S, "completed_at": None,
         }  # fmt: skip
-        records.add(record)
         try:
-            await run_in_threadpool(render.apply_async, kwargs=kwargs, task_id=video_id)
-        except Exception as exc:  # noqa: BLE001 - the broker is unreachable: nothing was queued
-            records.remove(record)
-            quotas.release(owner, video_id)
-            log.warning("%s could not queue %s: %s", request.state.request_id, video_id, exc)
-            raise ApiError(503, "The render queue is unreachable; try again", code="queue_unavailable",
-                           kind="server_error") from None  # fmt: skip
+            await run_in_threadpool(queue, record, kwargs)
+        except UNAVAILABLE as exc:  # nothing was queued: answer now, take back what was written after
+            log.warning("%s could not queue %s: %s: %s", request.state.request_id, video_id, type(exc).__name__, exc)
+            response = unavailable().response()
+            response.background = BackgroundTask(take_back, record, admission)
+            return response
         log.info("%s created %s for %s (%s)", request.state.request_id, video_id, owner, kwargs["model"])
         return JSONResponse(video_object(record, "PENDING", None))
 
@@ -216,9 +232,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc") -> JSONResponse:
         owner = owner_of(request)
         if not 1 <= limit <= 100:
-            raise ApiError(400, f"limit: {limit} is out of range: 1 to 100", param="limit")
+            raise ApiError(400, "limit: out of range: 1 to 100", param="limit")
         if order not in ("asc", "desc"):
-            raise ApiError(400, f"order: '{order}' is not one of asc, desc", param="order")
+            raise ApiError(400, f"order: {quoted(order)} is not one of asc, desc", param="order")
         page, more = records.page(owner, after, limit, order)
         data = [current(record) for record in page]
         return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -227,18 +243,23 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @api.delete("/v1/videos/{video_id}")
     def delete_video(video_id: str, request: Request) -> JSONResponse:
         record = found(video_id, owner_of(request))
+        body: dict[str, Any] = {"id": video_id, "object": "video.deleted", "deleted": True}
         if current(record)["status"] in ("queued", "in_progress"):
-            cancel(video_id, celery_app)  # a queued render never starts, a running one stops at its next step
+            # A queued render never starts, a running one stops at its next step or stage boundary:
+            # waited for briefly, and what came of it is said (tasks.cancel.Cancellation).
+            outcome = cancel(video_id, celery_app, wait_s=settings.API_CANCEL_WAIT_S)
+            body["cancellation"] = cancellation_of(outcome)
         records.remove(record)
         quotas.release(record["owner"], video_id)
-        log.info("%s deleted %s", request.state.request_id, video_id)
-        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+        log.info("%s deleted %s%s", request.state.request_id, video_id,
+                 f" ({body['cancellation']['outcome']})" if "cancellation" in body else "")  # fmt: skip
+        return JSONResponse(body)
 
     @api.get("/v1/videos/{video_id}/content")
     def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
         record = found(video_id, owner_of(request))
         if variant not in _VARIANTS:
-            raise ApiError(400, f"variant: '{variant}' is not one of {', '.join(_VARIANTS)}", param="variant")
+            raise ApiError(400, f"variant: {quoted(variant)} is not one of {', '.join(_VARIANTS)}", param="variant")
         result = celery_app.AsyncResult(video_id)
         if result.state != "SUCCESS":
             raise ApiError(400, f"Video '{video_id}' is not completed (status {current(record)['status']})",
@@ -257,6 +278,19 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return RedirectResponse(url, status_code=307)
 
     return api
+
+
+def _fail_fast(celery_app: Any, timeout_s: float) -> None:
+    """The gateway's Celery client gives up on Redis after ``timeout_s`` (503), where producers wait out an
+    outage for minutes (worker_config.celery_config): a request must not hold a thread that long."""
+    celery_app.conf.update(
+        result_backend_always_retry=False,
+        redis_socket_timeout=timeout_s,
+        redis_socket_connect_timeout=min(5.0, timeout_s),
+        broker_transport_options={**celery_app.conf.broker_transport_options, "socket_timeout": timeout_s,
+                                  "socket_connect_timeout": min(5.0, timeout_s)},
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
+    )  # fmt: skip
 
 
 def _signer() -> Any:

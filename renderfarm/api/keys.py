@@ -37,7 +37,7 @@ class KeyRing:
                 raise ValueError(f"{path}:{number}: expected name:sha256-hex (64 lowercase hex digits)")
             self._digests.append((name, hexdigest))
         if not self._digests:
-            raise ValueError(f"{path} holds no key: add one with `renderfarm api-key NAME`")
+            raise ValueError(f"{path} holds no key: add one with `renderfarm api-key NAME >> {path}`")
 
     def owner(self, key: str) -> str | None:
         """The name of ``key``, or None; every stored digest is compared (no early exit)."""

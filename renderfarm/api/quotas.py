@@ -7,20 +7,31 @@
   state in the result backend, before each count.
 
 A creation is added to the set first and counted after, so two racing requests can both be
-refused, never both admitted over the quota.
+refused, never both admitted over the quota. Only creations that are made use up the rate: one
+refused by either quota gives its count back at once, and one that could not be queued (Redis
+failed after its admission: 503) gives back its count and its place (``refund``). A create that
+Redis failed during its admission may still count against its minute's rate.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Quotas", "QuotaExceeded"]
+__all__ = ["Admission", "Quotas", "QuotaExceeded"]
 
 _RATE = "renderfarm:api:rate:{owner}:{minute}"
 _ACTIVE = "renderfarm:api:active:{owner}"
 _FINAL = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+class Admission(NamedTuple):
+    """A creation counted: by whom, which video, in which minute."""
+
+    owner: str
+    video_id: str
+    minute: int
 
 
 class QuotaExceeded(Exception):
@@ -36,34 +47,51 @@ class Quotas:
         """``state_of(ids)``: each task's state in the result backend (PENDING when unknown)."""
         self._client, self._per_minute, self._max_active, self._state_of = client, per_minute, max_active, state_of
 
-    def admit(self, owner: str, video_id: str) -> None:
-        """Count a creation by ``owner``; QuotaExceeded (nothing counted against the quota) when over."""
+    def admit(self, owner: str, video_id: str) -> Admission:
+        """Count a creation by ``owner``; QuotaExceeded (nothing counted) when over either quota."""
+        minute = int(time.time() // 60)
         if self._per_minute:
-            minute = int(time.time() // 60)
-            key = _RATE.format(owner=owner, minute=minute)
             pipe = self._client.pipeline()
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count = int(pipe.execute()[0])
-            if count > self._per_minute:
+            pipe.incr(_RATE.format(owner=owner, minute=minute))
+            pipe.expire(_RATE.format(owner=owner, minute=minute), 120)
+            if int(pipe.execute()[0]) > self._per_minute:
+                self._client.decr(_RATE.format(owner=owner, minute=minute))
                 raise QuotaExceeded(f"Rate limit reached: {self._per_minute} videos a minute for this key",
                                     60 - int(time.time()) % 60, "rate_limit_exceeded")  # fmt: skip
-        if self._max_active:
-            key = _ACTIVE.format(owner=owner)
-            self._client.sadd(key, video_id)
-            self._client.expire(key, 24 * 3600)  # a key idle for a day starts afresh
-            members = [m.decode() if isinstance(m, bytes) else m for m in self._client.smembers(key)]
-            finished = [i for i, state in zip(members, self._state_of(members), strict=True) if state in _FINAL]
-            if finished:
-                self._client.srem(key, *finished)
-            if len(members) - len(finished) > self._max_active:
-                self._client.srem(key, video_id)
-                message = (
-                    f"Too many videos in progress: at most {self._max_active} queued or rendering for this key; "
-                    "wait for one to finish or delete one"
-                )
-                raise QuotaExceeded(message, 5, "concurrency_limit")
+        admission = Admission(owner, video_id, minute)
+        try:
+            self._hold_place(owner, video_id)
+        except QuotaExceeded:
+            self.refund(admission)
+            raise
+        return admission
+
+    def _hold_place(self, owner: str, video_id: str) -> None:
+        if not self._max_active:
+            return
+        key = _ACTIVE.format(owner=owner)
+        self._client.sadd(key, video_id)
+        self._client.expire(key, 24 * 3600)  # a key idle for a day starts afresh
+        members = [m.decode() if isinstance(m, bytes) else m for m in self._client.smembers(key)]
+        finished = [i for i, state in zip(members, self._state_of(members), strict=True) if state in _FINAL]
+        if finished:
+            self._client.srem(key, *finished)
+        if len(members) - len(finished) > self._max_active:
+            message = (
+                f"Too many videos in progress: at most {self._max_active} queued or rendering for this key; "
+                "wait for one to finish or delete one"
+            )
+            raise QuotaExceeded(message, 5, "concurrency_limit")
+
+    def refund(self, admission: Admission) -> None:
+        """A creation admitted but not made after all (over the concurrency quota, or Redis failing before
+        it was queued): its rate count and its place are given back."""
+        pipe = self._client.pipeline()
+        if self._per_minute:
+            pipe.decr(_RATE.format(owner=admission.owner, minute=admission.minute))
+        pipe.srem(_ACTIVE.format(owner=admission.owner), admission.video_id)
+        pipe.execute()
 
     def release(self, owner: str, video_id: str) -> None:
-        """A deleted video no longer counts."""
+        """A deleted video no longer counts (against the concurrency quota; its creation still does)."""
         self._client.srem(_ACTIVE.format(owner=owner), video_id)

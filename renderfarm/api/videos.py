@@ -1,11 +1,20 @@
 """OpenAI's video request to a render request, and a render's state to OpenAI's video object.
 
-- ``size`` is ``"WxH"`` (width x height) within the model's size rules; default: the model's.
-- ``seconds`` becomes frames at the model's fps, rounded up to Wan's 4k+1 rule:
-  ``num_frames = 4 * ceil(seconds * fps / 4) + 1`` (FastWan2.1 at 16 fps: 5 s is 81 frames;
-  FastWan2.2 at 24 fps: 5 s is 121). Default: the model's own length.
+- ``prompt``, ``model``, ``size``, ``seconds``: strings (a JSON value of another type is refused,
+  never converted); ``model`` one of the gateway's models (``API_MODELS``), default the first.
+- ``size`` is ``"WxH"`` (width x height) in ASCII digits, within the model's size rules; default:
+  the model's.
+- ``seconds`` (ASCII digits, up to 6 decimals) becomes frames at the model's fps, rounded up to
+  Wan's 4k+1 rule: ``num_frames = 4 * ceil(seconds * fps / 4) + 1`` (FastWan2.1 at 16 fps: 5 s is 81
+  frames; FastWan2.2 at 24 fps: 5 s is 121). Default: the model's own length. It is echoed
+  normalised (``"05.50"`` is shown ``"5.5"``).
+- Then the checks a worker makes (``tasks.schemas``, ``tasks.keys.request_problems``: prompt
+  rules and length, sizes, frames, ``MAX_PIXEL_FRAMES``), so a request the gateway queues is one a
+  worker accepts. Every problem is reported at once, each naming its OpenAI parameter.
 - ``input_reference`` (for models that take an image): the image, checked like a worker checks it
   (``tasks.images``), sent to the queue as the render's ``image`` (a data URL).
+- ``DELETE``'s ``cancellation`` (a video still queued or rendering): what the cancel came to
+  (``tasks.cancel.Cancellation``): ``outcome``, ``message`` and where it stopped or what it holds.
 - ``status``: a queued task is ``queued``; started, rendering or waiting to retry, ``in_progress``
   with ``progress`` from its denoising steps (0-99); stored, ``completed`` (100); failed or
   cancelled, ``failed`` with the error.
@@ -14,18 +23,33 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
+from renderfarm.api.errors import quoted
 from tasks.images import check_data_url, check_image, parse_ref
+from tasks.keys import request_problems
 from tasks.profiles import image_models, profile_for
-from tasks.schemas import RenderRequest
+from tasks.schemas import Limits, Problem, check_fields
 
-__all__ = ["BadParameter", "render_kwargs", "reference_image", "shown_size_and_seconds", "video_object"]
+if TYPE_CHECKING:
+    from tasks.cancel import Cancellation
 
-# The render request's fields each OpenAI parameter feeds: a field's error names the parameter.
-_PARAMETER_OF = {"prompt": "prompt", "height": "size", "width": "size", "num_frames": "seconds", "model": "model"}
+__all__ = [
+    "BadParameter", "PARAMETERS", "cancellation_of", "parse_seconds", "parse_size", "render_kwargs", "reference_image",
+    "shown_size_and_seconds", "video_object",
+]  # fmt: skip
+
+PARAMETERS = ("prompt", "model", "size", "seconds")  # and input_reference, read apart (a file, or a data URL)
+# The render request's fields each OpenAI parameter feeds: a field's problem names the parameter.
+_PARAMETER_OF = {"prompt": "prompt", "model": "model", "height": "size", "width": "size", "size": "size",
+                 "num_frames": "seconds"}  # fmt: skip
+_ORDER = (*PARAMETERS, "input_reference")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+_SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+_SEND_THE_IMAGE = "send the image itself: a multipart file, or in JSON a data:image/png|jpeg|webp;base64,... URL"
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
 
 
 class BadParameter(ValueError):
@@ -34,56 +58,84 @@ class BadParameter(ValueError):
         self.param = param
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WxH"`` in ASCII digits (five at most a side): (width, height); BadParameter otherwise."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise BadParameter("size", f"size: invalid size {quoted(text)}: expected WIDTHxHEIGHT in pixels, ASCII "
+                           "digits, e.g. 832x480")  # fmt: skip
+    return int(match[1]), int(match[2])
+
+
+def parse_seconds(text: str) -> Decimal:
+    """A positive number of seconds in ASCII digits, up to 6 decimals (exact: no float rounding); BadParameter."""
+    if _SECONDS.fullmatch(text) is None or Decimal(text) == 0:
+        raise BadParameter("seconds", f"seconds: invalid seconds {quoted(text)}: a positive number in ASCII digits, "
+                           'e.g. "4" or "2.5"')  # fmt: skip
+    return Decimal(text)
+
+
 def shown_size_and_seconds(kwargs: dict[str, Any], params: dict[str, str]) -> tuple[str, str]:
-    """The video object's ``size`` and ``seconds`` for a render request: as asked, else the model's own."""
+    """The video object's ``size`` and ``seconds`` for a render request: as asked (normalised), else the model's."""
     profile = profile_for(kwargs["model"])
     size = f"{kwargs.get('width', profile.width)}x{kwargs.get('height', profile.height)}"
-    return size, params.get("seconds") or f"{(profile.num_frames - 1) / profile.fps:g}"
-
-
-def render_kwargs(params: dict[str, str], models: tuple[str, ...]) -> dict[str, Any]:
-    """The render request for OpenAI's ``prompt``, ``model``, ``size``, ``seconds``; BadParameter naming one."""
-    unknown = set(params) - {"prompt", "model", "size", "seconds"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise BadParameter(name, f"Unknown parameter: '{name}'. Allowed: prompt, model, seconds, size")
-    if not models:
-        raise BadParameter("model", "This server has no model configured (set API_MODELS or DEFAULT_MODEL)")
-    model = params.get("model") or models[0]
-    if model not in models:
-        raise BadParameter("model", f"Invalid model '{model}'. Available: {', '.join(models)}")
-    profile = profile_for(model)
-    kwargs: dict[str, Any] = {"prompt": params.get("prompt", ""), "model": model}
-    if "size" in params:
-        width, _, height = params["size"].partition("x")
-        if not (width.isdigit() and height.isdigit()):
-            raise BadParameter("size", f"Invalid size '{params['size']}': expected WIDTHxHEIGHT, e.g. 832x480")
-        kwargs["width"], kwargs["height"] = int(width), int(height)
-        multiple = profile.size_multiple
-        if kwargs["width"] % multiple or kwargs["height"] % multiple:
-            raise BadParameter("size", f"Invalid size '{params['size']}': {model} needs sides that are multiples of "
-                               f"{multiple}")  # fmt: skip
     if "seconds" in params:
+        return size, format(parse_seconds(params["seconds"]).normalize(), "f")
+    return size, f"{(profile.num_frames - 1) / profile.fps:g}"
+
+
+def render_kwargs(params: dict[str, Any], limits: Limits) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The render request for OpenAI's ``prompt``, ``model``, ``size``, ``seconds`` (``limits.models``:
+    the gateway's), and every problem with them as ``(param, message)``: empty when it can be queued."""
+    problems = [(name, f"{name}: unknown parameter; allowed: prompt, model, seconds, size")
+                for name in sorted(set(params) - set(PARAMETERS))]  # fmt: skip
+    text: dict[str, str] = {}
+    for name in (n for n in PARAMETERS if n in params):
+        if isinstance(params[name], str):
+            text[name] = params[name]
+        else:
+            got = _JSON_TYPES.get(type(params[name]), "a file" if isinstance(params[name], bytes) else "another type")
+            problems.append((name, f"{name}: expected a string, got {got}"))
+    model = text.get("model", limits.models[0])
+    failed: set[str] = {name for name in ("prompt", "model") if name in params and name not in text}  # wrong type
+    kwargs: dict[str, Any] = {"prompt": text["prompt"]} if "prompt" in text else {}
+    if "model" in text and model not in limits.models:
+        problems.append(("model", f"model: invalid model {quoted(model)}; available: {', '.join(limits.models)}"))
+        failed.add("model")
+    elif "model" not in failed:
+        kwargs["model"] = model
+    if "size" in text:
         try:
-            seconds = float(params["seconds"])
-        except ValueError:
-            seconds = math.nan
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise BadParameter("seconds", f"Invalid seconds '{params['seconds']}': a positive number")
-        kwargs["num_frames"] = 4 * math.ceil(seconds * profile.fps / 4) + 1
-    try:
-        RenderRequest.model_validate(kwargs)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "prompt"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            message = "required"
-        param = _PARAMETER_OF.get(field, field)
-        if field == "num_frames":
-            message += f" (the seconds give {kwargs[field]} frames at {profile.fps} fps)"
-        raise BadParameter(param, f"{param}: {message}") from None
-    return kwargs
+            kwargs["width"], kwargs["height"] = parse_size(text["size"])
+        except BadParameter as exc:
+            problems.append((exc.param, str(exc)))
+    if "size" in params and "width" not in kwargs:
+        failed |= {"width", "height"}
+    seconds = None
+    if "seconds" in text:
+        try:
+            seconds = parse_seconds(text["seconds"])
+        except BadParameter as exc:
+            problems.append((exc.param, str(exc)))
+    if seconds is not None and "model" not in failed:  # frames at the model's fps
+        kwargs["num_frames"] = 4 * math.ceil(seconds * profile_for(model).fps / 4) + 1
+    elif "seconds" in params:
+        failed.add("num_frames")
+    # The worker's own checks on what parsed: schema (types, bounds), then the deployment's rules.
+    _, given, found = check_fields(kwargs)
+    found = [p for p in found if p.field not in failed]
+    found += request_problems(given, model, limits, failed | {p.field for p in found})
+    problems += [_as_parameter(p, kwargs, model) for p in found]
+    return kwargs, sorted(problems, key=lambda p: _ORDER.index(p[0]) if p[0] in _ORDER else len(_ORDER))
+
+
+def _as_parameter(problem: Problem, kwargs: dict[str, Any], model: str) -> tuple[str, str]:
+    """A render field's problem as OpenAI's parameter's: ``height: ...`` is ``size: height: ...``."""
+    param = _PARAMETER_OF.get(problem.field, problem.field)
+    message = str(problem) if param == problem.field else f"{param}: {problem}"
+    if problem.field == "num_frames":
+        message += f" (the seconds give {kwargs['num_frames']} frames at {profile_for(model).fps} fps)"
+    return param, message
 
 
 def reference_image(reference: bytes | str, model: str, max_bytes: int, max_pixels: int) -> str:
@@ -95,14 +147,17 @@ def reference_image(reference: bytes | str, model: str, max_bytes: int, max_pixe
                            f"image; models that do: {', '.join(image_models())}")  # fmt: skip
     try:
         if isinstance(reference, str):
-            ref = parse_ref(reference)
+            try:
+                ref = parse_ref(reference)
+            except ValueError as exc:  # it names the worker's forms, s3:// among them: not the gateway's
+                raise ValueError(f"{str(exc).split(';')[0]}; {_SEND_THE_IMAGE}") from None
             if ref.kind != "data":
-                raise ValueError("image: send the image itself (a multipart file, or a data:image/...;base64 URL)")
+                raise ValueError(f"{ref.kind}:// URLs are not read here; {_SEND_THE_IMAGE}")
             image = check_data_url(ref, max_bytes, max_pixels)
         else:
             image = check_image(reference, max_bytes, max_pixels)
     except ValueError as exc:
-        raise BadParameter("input_reference", "input_reference" + str(exc).removeprefix("image")) from None
+        raise BadParameter("input_reference", f"input_reference: {str(exc).removeprefix('image: ')}") from None
     return image.data_url
 
 
@@ -128,3 +183,13 @@ def video_object(record: dict[str, Any], state: str, info: Any) -> dict[str, Any
             video["error"] = {"code": type(info).__name__ if isinstance(info, BaseException) else "error",
                               "message": str(info)}  # fmt: skip
     return video
+
+
+def cancellation_of(outcome: Cancellation) -> dict[str, Any]:
+    """``DELETE``'s account of a cancel: the outcome, one line for a person, and the details it has
+    (``stage``/``step``/``steps`` where it stopped or runs, ``key`` of a video that had finished)."""
+    shown = {"outcome": outcome.outcome.value, "message": outcome.message()}
+    for name in ("stage", "step", "steps", "key"):
+        if (value := getattr(outcome, name)) is not None:
+            shown[name] = value
+    return shown

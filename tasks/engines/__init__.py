@@ -8,7 +8,9 @@ Importing this package imports no torch: the implementations are imported by
 
 - ``diffusers_engine``: WanPipeline (the CPU engine for tiny-wan, and a fallback).
 - ``fastvideo_engine``: FastVideo's ``VideoGenerator``, with ``fastvideo_worker`` (its mp worker's
-  entry point), ``fastvideo_ray`` (its Ray executor in a pool process), ``fastvideo_cpu``
+  entry point), ``fastvideo_ray`` (its Ray executor in a pool process), ``fastvideo_steps`` (its
+  denoising loop, in its own worker process, connected to the pool process step by step),
+  ``fastvideo_state`` (that loop's state, resumed and captured there), ``fastvideo_cpu``
   (FastVideo without an accelerator) and ``fastvideo_mp4`` (its MP4s written by ``mp4``).
 - ``mp4``: frames to an MP4, the one encoder of every stored video.
 - ``tiny_wan``: the built-in random-weight checkpoints (``tiny-wan``, ``tiny-wan-ti2v``).

@@ -6,7 +6,8 @@ it), its order counters and its step index on the scheduler object, and a sample
 noise per step needs the generator's state. Restoring the latents alone gives another video.
 ``capture`` takes all of it, generically: every tensor, list of tensors and plain value the
 scheduler holds (its configuration excluded: that comes with the model), so any diffusers-style
-scheduler works; a scheduler holding anything else (another object) raises ``Uncapturable``.
+scheduler works; a scheduler holding anything else (another object) raises ``Uncapturable``
+(methods set on the instance, the engines' own wrappers, are behaviour, not state: left out).
 
 Resuming (``Resume``): the engine checks the state against this render first (``check``: the
 kind, the scheduler's class, the latents' shape, and the schedule ``set_timesteps`` computes for
@@ -62,8 +63,8 @@ def capture(step: int, steps: int, latents: Any, scheduler: Any, generator: Any 
     scalars: dict[str, Any] = {}
     lists: dict[str, list[Any]] = {}
     for name, value in vars(scheduler).items():
-        if name in _NOT_STATE:
-            continue
+        if name in _NOT_STATE or (callable(value) and not _is_tensor(value)):
+            continue  # its configuration, or a method put on the instance (a wrapper of its own step)
         if _is_tensor(value):
             tensors[_SCHEDULER + name] = _copy(value)
         elif isinstance(value, _PLAIN):

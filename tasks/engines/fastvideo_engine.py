@@ -12,8 +12,9 @@
   this process and in FastVideo's workers: the mp executor's spawned worker (via
   ``tasks.engines.fastvideo_worker``) or the Ray executor's actors.
 - With ``DISTRIBUTED_EXECUTOR_BACKEND=ray`` the engine owns the Ray instance
-  (``tasks.engines.fastvideo_ray``): started before the generator, its placement group released
-  after each generator shutdown, shut down in ``close()``. A failure in a Ray actor reaches
+  (``tasks.engines.fastvideo_ray``): started before the generator (FastVideo is given Ray's node
+  address, and a bounded wait for its placement group: ``RayStartFailed``), its placement group
+  released after each generator shutdown, shut down in ``close()``. A failure in a Ray actor reaches
   ``generate`` as an exception (no SIGQUIT on this path): the generator is rebuilt and the error
   raised. A Ray actor that *died* (kernel OOM kill, crash) gets one more try on the rebuilt
   generator, then ``EngineWorkerLost``; the pool child keeps its model and keeps serving.
@@ -22,6 +23,12 @@
   callback that raises (cancelled, found in storage) stops the worker at the next step, and an
   out-of-memory in the worker comes back as ``EngineOutOfMemory`` (a ``MemoryError``: the task's
   one more try follows) with the worker still loaded. The generator stays as it is in both cases.
+- Checkpoints (``denoising``, the engine interface's ``Denoising`` hooks): the state to continue from
+  is written beside the render's output before ``generate`` and FastVideo's worker starts its loop
+  from it; a state the render wants (a checkpoint due, the worker shutting down) is asked for over
+  the step channel and comes back as a file the worker wrote (``tasks.engines.fastvideo_state``,
+  ``fastvideo_steps``). With both executors; a render stopped for a shutdown waits for the state
+  written where it stopped (``STATE_WAIT_S``) before its error is raised.
 - A render interrupted while FastVideo's worker was busy (soft time limit) leaves the executor's
   pipe out of step; the generator is rebuilt before the error is raised. Any other failure inside
   FastVideo's mp worker: it sends SIGQUIT, billiard's handler ends this pool child (after the
@@ -45,7 +52,16 @@ from typing import Any
 
 import psutil
 
-from tasks.engines import Denoising, ProgressFn, RenderOutput, fastvideo_ray, fastvideo_steps, resolve_model_path
+from tasks.engines import (
+    Denoising,
+    ProgressFn,
+    RenderOutput,
+    denoising_state,
+    fastvideo_ray,
+    fastvideo_state,
+    fastvideo_steps,
+    resolve_model_path,
+)
 from tasks.engines.conditioning import first_frame
 from tasks.engines.device import choose_device
 from tasks.engines.second_try import describe_size, with_one_more_try
@@ -75,6 +91,8 @@ LOAD_OPTION_NAMES = frozenset({
 CONFIGURED_LIKE = {"tiny-wan-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
 REQUEST_SAMPLING_NAMES = ("num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "seed")
 REQUEST_OUTPUT_NAMES = ("output_path", "save_video", "return_frames")
+# How long a render stopped at a step waits for the state FastVideo's worker wrote there.
+STATE_WAIT_S = 10.0
 
 
 def load_options(settings: Settings, cpu: bool) -> dict[str, Any]:
@@ -169,9 +187,10 @@ class FastVideoEngine:
         self._generator: Any = None
         self._sigquit_wrapped = False
         self._ray = settings.DISTRIBUTED_EXECUTOR_BACKEND == "ray"
-        if self._ray:
-            fastvideo_ray.start(settings.NUM_GPUS, cpu)
         try:
+            if self._ray:  # FASTVIDEO_HOST_IP: Ray's node address unless the operator set it
+                fastvideo_ray.start(settings.NUM_GPUS, cpu, settings.FASTVIDEO_HOST_IP,
+                                    settings.FASTVIDEO_RAY_START_TIMEOUT_S)  # fmt: skip
             self.from_pretrained_seconds = self._load()
         except BaseException:
             if self._ray:  # the process exits next (lifecycle): end Ray cleanly first
@@ -209,21 +228,28 @@ class FastVideoEngine:
             raise EngineNotReady("the FastVideo engine was used after it was closed")
         if not self._ray:  # only the mp executor's worker signals its owner
             self._explain_sigquit()
-        if denoising is not None:  # checkpoints: not yet through FastVideo's worker (a saved state is not used)
-            denoising.resume(spec["num_inference_steps"])
-            denoising.started(0)
         name = uuid.uuid4().hex
+        output = self._out / f"{name}.mp4"
         image_path = None
         if image is not None:  # FastVideo reads the image from a file, in its worker
             image_path = self._out / f"{name}.png"
             first_frame(image, spec["width"], spec["height"]).save(image_path)
+        # A saved state to continue from: a file FastVideo's worker finds beside the output (fastvideo_state).
+        state = denoising.resume(spec["num_inference_steps"]) if denoising is not None else None
+        if state is not None:
+            denoising_state.write(state, fastvideo_state.resume_path(output))
         try:
-            return self._render(spec, progress, generation_request(spec, self._out / f"{name}.mp4", image_path))
+            request = generation_request(spec, output, image_path)
+            return self._render(spec, progress, request, denoising)
         finally:
             if image_path is not None:
                 image_path.unlink(missing_ok=True)
+            for leftover in (fastvideo_state.resume_path(output), *self._out.glob(f"{name}.state-*")):
+                leftover.unlink(missing_ok=True)
 
-    def _render(self, spec: dict[str, Any], progress: ProgressFn, request: dict[str, Any]) -> RenderOutput:
+    def _render(
+        self, spec: dict[str, Any], progress: ProgressFn, request: dict[str, Any], denoising: Denoising | None
+    ) -> RenderOutput:
         steps = spec["num_inference_steps"]
         progress("encoding_prompt", None, None)
         started = time.perf_counter()
@@ -250,7 +276,7 @@ class FastVideoEngine:
                    else "Rebuilding the generator failed too.")
             )  # fmt: skip
 
-        with self._steps.render(progress):
+        with self._steps.render(progress, denoising, Path(request["output"]["output_path"])):
             result = with_one_more_try(attempt, self._ray_worker_died, before_retry, give_up)
         seconds = time.perf_counter() - started
         if isinstance(result, list):  # one prompt in, one result out; a list means FastVideo fanned out
@@ -280,7 +306,11 @@ class FastVideoEngine:
         if stopped.kind == "out_of_memory":
             return EngineOutOfMemory(f"out of memory in FastVideo's worker process: {stopped.detail}")
         if self._steps.error is not None:
-            return self._steps.error  # the progress callback's own exception: cancelled, or found in storage
+            # The progress callback's own exception: cancelled, found in storage, or the worker shutting
+            # down, which needs the state the worker wrote where it stopped (written before it stopped).
+            if not self._steps.settle(STATE_WAIT_S):
+                log.warning("FastVideo's worker did not hand over its state within %.0fs", STATE_WAIT_S)
+            return self._steps.error
         return RenderError(f"FastVideo's worker stopped the render unasked ({stopped.detail})")
 
     def _generate(self, request: Any) -> Any:

@@ -31,6 +31,16 @@ engine owns the Ray instance instead: ``start()`` before the generator loads, ``
    cannot be instantiated at all (``complete_executor``); and its ``shutdown()`` kills its actors but
    keeps its placement group, so the next generator in the same instance fails with "Current node
    has no GPU available" (``release_placement_groups``, called by the engine after each shutdown).
+6. The address FastVideo places its workers at. FastVideo's ``get_ip()`` reads ``FASTVIDEO_HOST_IP``,
+   else asks the kernel for a route to 8.8.8.8 and answers ``0.0.0.0`` where there is none (an
+   air-gapped node, a loopback-only pod), while Ray's node is ``127.0.0.1``; its placement group then
+   asks for the resource ``node:0.0.0.0``, which no node has. Unless the operator set it,
+   ``FASTVIDEO_HOST_IP`` is set to the address of this instance's node, here (logged) and in every Ray
+   worker (``setup_worker``: they were started before the address was known).
+7. A bounded start. FastVideo waits up to 1800 s for its placement group, silently. Its wait is
+   replaced by one of ``FASTVIDEO_RAY_START_TIMEOUT_S`` that ends with ``RayStartFailed``: the group
+   asked for, the address FastVideo asked at and Ray's node address, and the fix. The worker then
+   falls back as ``ENGINE_FALLBACKS`` allows, or exits (``tasks.worker.selfcheck``).
 """
 
 from __future__ import annotations
@@ -45,15 +55,25 @@ import time
 from typing import Any
 
 from tasks.engines.second_try import cause_of_type
+from tasks.errors import FatalWorkerError
 
 __all__ = [
-    "SETUP_HOOK", "init_options", "complete_executor", "start", "release_placement_groups", "stop", "setup_worker",
-    "worker_death",
+    "SETUP_HOOK", "HOST_IP_ENV", "RayStartFailed", "init_options", "complete_executor", "start", "node_address",
+    "release_placement_groups", "stop", "setup_worker", "worker_death",
 ]  # fmt: skip
 
 log = logging.getLogger("renderfarm.fastvideo.ray")
 
 SETUP_HOOK = f"{__name__}.setup_worker"
+HOST_IP_ENV = "FASTVIDEO_HOST_IP"  # read by FastVideo's get_ip(), in this process and in its Ray workers
+
+
+class RayStartFailed(FatalWorkerError):
+    """FastVideo's Ray executor could not start here; the message names the cause and the fix."""
+
+
+# How the running instance was set up (this process only): the placement-group wait, and who chose the address.
+_start: dict[str, Any] = {"timeout_s": 120.0, "address_from": "Ray's node"}
 
 
 def init_options(num_gpus: int, cpu: bool) -> dict[str, Any]:
@@ -77,11 +97,16 @@ def complete_executor() -> None:
     with "Can't instantiate abstract class RayDistributedExecutor". Only those two are filled in (any
     other missing method still fails loudly). A ``multiprocessing`` queue cannot reach Ray's worker
     processes; Ray streams their logs to this process itself, and the engine passes no log queue.
+    And an executor whose start failed before it made its workers (a placement group not ready) has
+    no ``workers`` for its ``__del__`` to shut down ("Exception ignored ... AttributeError" in the
+    log): an empty list is its default.
     """
     import abc
 
     from fastvideo.worker.ray_distributed_executor import RayDistributedExecutor
 
+    if "workers" not in vars(RayDistributedExecutor):
+        RayDistributedExecutor.workers = []  # type: ignore[attr-defined]  # each instance assigns its own
     if not RayDistributedExecutor.__abstractmethods__ & {"set_log_queue", "clear_log_queue"}:
         return
     RayDistributedExecutor.set_log_queue = _set_log_queue  # type: ignore[method-assign]
@@ -98,27 +123,142 @@ def _clear_log_queue(self: Any) -> None:
     return None
 
 
-def start(num_gpus: int, cpu: bool) -> None:
-    """Start this process's Ray instance (once), before FastVideo looks for one."""
+def start(num_gpus: int, cpu: bool, host_ip: str | None = None, timeout_s: float = 120.0) -> str:
+    """Start this process's Ray instance (once), before FastVideo looks for one; the address FastVideo uses.
+
+    ``host_ip``: the operator's ``FASTVIDEO_HOST_IP`` (``None``: Ray's node address is used);
+    ``timeout_s``: how long FastVideo's executor may wait for its placement group.
+    """
     import ray
 
     complete_executor()
-    if ray.is_initialized():
+    _bound_placement_wait(timeout_s)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # its workers' lines reach the worker log without ANSI colours
+        if not faulthandler.is_enabled() and sys.__stderr__ is not None:
+            faulthandler.enable(file=sys.__stderr__, all_threads=False)
+        main_thread = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+        started = time.perf_counter()
+        try:
+            ray.init(**init_options(num_gpus, cpu))
+        except Exception as exc:  # a Ray that cannot start is a start-up failure like any other (fallbacks)
+            raise RayStartFailed(f"Ray did not start in pid {os.getpid()}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if sigterm is not None:  # ray.init sets its own (sys.exit); the pool's handler stays in charge
+                signal.signal(signal.SIGTERM, sigterm)
+        log.info(
+            "Ray started in pid %d in %.2fs for FastVideo's executor: %s",
+            os.getpid(), time.perf_counter() - started, ray.cluster_resources(),
+        )  # fmt: skip
+    return _use_address(host_ip, timeout_s)
+
+
+def node_address() -> str:
+    """The address of the Ray node this process belongs to (driver or Ray worker), as Ray itself uses it."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return str(node["NodeManagerAddress"])
+    raise RuntimeError(f"Ray lists no node {node_id} for this process")
+
+
+def _fastvideo_guess() -> str:
+    """What FastVideo's ``get_ip()`` answers without ``FASTVIDEO_HOST_IP`` (0.0.0.0 without a default route)."""
+    import warnings
+
+    from fastvideo.utils import get_ip
+
+    saved = os.environ.pop(HOST_IP_ENV, None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Failed to get the IP address, using 0.0.0.0": said below, with the fix
+            return str(get_ip())
+    finally:
+        if saved is not None:
+            os.environ[HOST_IP_ENV] = saved
+
+
+def _use_address(host_ip: str | None, timeout_s: float) -> str:
+    """Give FastVideo the address of Ray's node, unless the operator chose one (then say if they differ)."""
+    node = node_address()
+    if host_ip is None:
+        guess = _fastvideo_guess()
+        os.environ[HOST_IP_ENV] = node
+        _start["address_from"] = "Ray's node"
+        log.info(
+            "%s=%s for FastVideo's Ray executor: the address of this process's Ray node (FastVideo's own guess, "
+            "from the default route: %s)", HOST_IP_ENV, node, guess,
+        )  # fmt: skip
+        return node
+    os.environ[HOST_IP_ENV] = host_ip
+    _start["address_from"] = "the operator"
+    if host_ip == node:
+        log.info("%s=%s (set by the operator) for FastVideo's Ray executor: Ray's node address", HOST_IP_ENV, host_ip)
+    else:
+        log.warning(
+            "%s=%s (set by the operator) is not the address of this process's Ray node (%s): FastVideo's placement "
+            "group asks for a node at %s; the start gives up after %.0f s (FASTVIDEO_RAY_START_TIMEOUT_S)",
+            HOST_IP_ENV, host_ip, node, host_ip, timeout_s,
+        )  # fmt: skip
+    return host_ip
+
+
+def _bound_placement_wait(timeout_s: float) -> None:
+    """Replace FastVideo's placement-group wait (1800 s, silent) with one of ``timeout_s`` that explains itself."""
+    from fastvideo.worker import ray_utils
+
+    _start["timeout_s"] = timeout_s
+    ray_utils._wait_until_pg_ready = _wait_for_placement_group  # type: ignore[attr-defined]
+
+
+def _wait_for_placement_group(group: Any) -> None:
+    """FastVideo's ``_wait_until_pg_ready``, bounded: ready, or the group is removed and ``RayStartFailed``."""
+    import ray
+
+    timeout_s = _start["timeout_s"]
+    log.info("waiting up to %.0fs (FASTVIDEO_RAY_START_TIMEOUT_S) for FastVideo's Ray placement group %s",
+             timeout_s, group.bundle_specs)  # fmt: skip
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if ready:
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # its workers' lines reach the worker log without ANSI colours
-    if not faulthandler.is_enabled() and sys.__stderr__ is not None:
-        faulthandler.enable(file=sys.__stderr__, all_threads=False)
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
-    started = time.perf_counter()
-    ray.init(**init_options(num_gpus, cpu))
-    if sigterm is not None:  # ray.init sets its own (sys.exit); the pool's handler stays in charge
-        signal.signal(signal.SIGTERM, sigterm)
-    log.info(
-        "Ray started in pid %d in %.2fs for FastVideo's executor: %s",
-        os.getpid(), time.perf_counter() - started, ray.cluster_resources(),
-    )  # fmt: skip
+    specs = group.bundle_specs
+    ray.util.remove_placement_group(group)
+    raise RayStartFailed(placement_diagnosis(specs, timeout_s))
+
+
+def placement_diagnosis(specs: list[dict[str, float]], timeout_s: float) -> str:
+    """Why a placement group of ``specs`` found no place in this instance, and the fix."""
+    import ray
+
+    nodes = {str(n["NodeManagerAddress"]): n["Resources"] for n in ray.nodes() if n["Alive"]}
+    asked = next((name.removeprefix("node:") for bundle in specs for name in bundle if name.startswith("node:")), None)
+    head = (
+        f"FastVideo's Ray executor did not start: its placement group {specs} was not ready after {timeout_s:.0f} s "
+        "(FASTVIDEO_RAY_START_TIMEOUT_S)."
+    )
+    ray_nodes = ", ".join(nodes) or "none"
+    if asked is not None and asked not in nodes:
+        return (
+            f"{head} FastVideo asks for a node at {asked} ({HOST_IP_ENV}={os.environ.get(HOST_IP_ENV, '(unset)')}, "
+            f"set by {_start['address_from']}) but Ray's node address is {ray_nodes}: no node has {asked}. "
+            f"Fix: unset {HOST_IP_ENV} (the worker then uses Ray's node address) or set it to {next(iter(nodes), '?')}."
+        )
+    wanted: dict[str, float] = {}
+    for bundle in specs:
+        for name, amount in bundle.items():
+            if not name.startswith("node:"):
+                wanted[name] = wanted.get(name, 0.0) + amount
+    have = {name: nodes.get(asked or "", {}).get(name, 0.0) for name in wanted}
+    free = {name: ray.available_resources().get(name, 0.0) for name in wanted}
+    return (
+        f"{head} FastVideo asks for {wanted} on the node at {asked} (Ray's node address: {ray_nodes}), which has "
+        f"{have} ({free} free). Fix: NUM_GPUS at most the GPUs this worker sees (CUDA_VISIBLE_DEVICES, nvidia-smi), "
+        "and no other process holding them."
+    )
 
 
 def release_placement_groups(timeout: float = 30.0) -> None:
@@ -181,5 +321,7 @@ def setup_worker() -> None:
 
     if os.environ.get(fastvideo_cpu.CPU_ENV) == "1":
         fastvideo_cpu.apply()
+    if not os.environ.get(HOST_IP_ENV):  # the operator's value is inherited; else the address of this node
+        os.environ[HOST_IP_ENV] = node_address()
     fastvideo_steps.install_in_worker()
     fastvideo_image.install_in_worker()

@@ -6,22 +6,31 @@ connects that loop to the pool process, over a channel of its own: a Unix socket
 abstract namespace (no file, gone with its owner) that the pool process listens on and FastVideo's
 worker (rank 0) connects to. Fixed-size messages ``(kind, forward, step, steps)``:
 
-- worker to pool process: ``STEP`` when the denoising loop starts (step 0) and after each step;
-- pool process to worker: ``GO`` or ``STOP`` in answer to step 0 (the worker waits for it: the
-  storage lookup is answered before the first denoising step, as with diffusers), and ``STOP``
-  when the render's progress callback raised at a later step (cancel).
+- worker to pool process: ``FROM`` when the denoising loop starts (with the step it starts after:
+  0, or the step of the state it resumed from), ``STEP`` after each step, ``STAT`` when the state
+  after a step is written (``tasks.engines.fastvideo_state``: a file beside the render's output)
+  and ``NOST`` when it was asked for one that this loop cannot give;
+- pool process to worker: ``GO`` or ``STOP`` in answer to ``FROM`` (the worker waits for it: the
+  storage lookup is answered before the first denoising step, as with diffusers) and to the last
+  step (the worker waits again: a cancel seen there stops it before decoding, as with diffusers),
+  ``STOP`` when the render's progress callback raised at any other step (cancel, shutdown), and
+  ``SAVE`` when the render wants the state after the next step (a checkpoint is due, or the worker
+  is shutting down).
 
 In the pool process, ``StepMonitor`` (one thread) calls the render's progress callback for each
-step (``("denoising", i, n)``, then ``("decoding", None, None)`` after the last). A callback that
-raises (``RenderCancelled``, ``ServedFromStorage``) makes it send ``STOP``; the engine re-raises
-that exception once ``generate`` is back.
+step (``("denoising", i, n)``, then ``("decoding", None, None)`` after the last) and its
+``Denoising`` hooks (``started``, ``wants_state``, ``take_state`` with the state the worker
+wrote). A callback that raises (``RenderCancelled``, ``ServedFromStorage``,
+``WorkerShuttingDown``) makes it send ``STOP``; the engine re-raises that exception once
+``generate`` is back, after waiting for a state it asked for at that step.
 
 In FastVideo's worker (``install_in_worker``, from ``fastvideo_worker`` for the mp executor and
 from ``fastvideo_ray.setup_worker`` for Ray's actors):
 
-1. the denoising stage's progress bar reports each step and, when asked, raises ``StopRender``
-   at that step boundary; with several ranks (``NUM_GPUS`` > 1) the ranks agree on stopping
-   with an all-reduce over FastVideo's CPU group, so they stop at the same step;
+1. the denoising stage's progress bar reports each step, writes the state after it when asked (in a
+   thread; before stopping, at once) and, when asked, raises ``StopRender`` at that step boundary;
+   with several ranks (``NUM_GPUS`` > 1) the ranks agree on stopping with an all-reduce over
+   FastVideo's CPU group, so they stop at the same step (rank 0 alone writes the state);
 2. the worker's ``execute_forward`` turns ``StopRender`` and an out-of-memory into an ordinary
    answer (an empty output and a note in ``extra``) instead of an exception, which FastVideo's
    worker would answer with SIGQUIT to the pool process (the pool process would die and the task
@@ -43,15 +52,19 @@ import struct
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tasks.engines import ProgressFn
+from tasks.engines import ProgressFn, denoising_state, fastvideo_state
 from tasks.engines.second_try import cause_of_type
 
 __all__ = [
     "ADDRESS_ENV", "MARKER", "PEAK_KEY", "EngineStopped", "StopRender", "StepMonitor", "engine_stopped",
     "install_in_worker", "install_in_owner", "last_peak_memory",
 ]  # fmt: skip
+
+if TYPE_CHECKING:
+    from tasks.engines import Denoising
 
 log = logging.getLogger("renderfarm.fastvideo.steps")
 
@@ -60,6 +73,7 @@ MARKER = "renderfarm_stopped"  # in ``ForwardBatch.extra``: why the forward ende
 PEAK_KEY = "renderfarm_peak_memory"  # in ``ForwardBatch.extra``: (MiB, "cuda" | "rss") of the forward
 _MESSAGE = struct.Struct("!4sqqq")  # kind, forward number, step, steps
 STEP, GO, STOP = b"STEP", b"GO  ", b"STOP"
+FROM, SAVE, STAT, NOST = b"FROM", b"SAVE", b"STAT", b"NOST"
 
 
 class StopRender(Exception):
@@ -90,8 +104,11 @@ class StepMonitor:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind("\0" + self.name)
         self._listener.listen(4)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._progress: ProgressFn | None = None
+        self._denoising: Denoising | None = None
+        self._output: Path | None = None
+        self._state_asked = False  # SAVE sent, STAT or NOST not yet back
         self.error: BaseException | None = None  # what the current render's callback raised
         self.last_step: int | None = None
         self._closed = False
@@ -99,15 +116,24 @@ class StepMonitor:
         self._thread.start()
 
     @contextlib.contextmanager
-    def render(self, progress: ProgressFn) -> Iterator[None]:
-        """Route the steps of the render that runs inside this block to ``progress``."""
+    def render(
+        self, progress: ProgressFn, denoising: Denoising | None = None, output: Path | None = None
+    ) -> Iterator[None]:
+        """Route the steps of the render that runs inside this block to ``progress`` and ``denoising``
+        (``output``: its MP4's path, beside which FastVideo's worker writes the states asked for)."""
         with self._lock:
-            self._progress, self.error, self.last_step = progress, None, None
+            self._progress, self._denoising, self._output = progress, denoising, output
+            self.error, self.last_step, self._state_asked = None, None, False
         try:
             yield
         finally:
             with self._lock:
-                self._progress = None
+                self._progress = self._denoising = self._output = None
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait until the state asked for last has come (or was refused); False if it did not within ``timeout_s``."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._state_asked, timeout_s)
 
     def close(self) -> None:
         self._closed = True
@@ -132,22 +158,33 @@ class StepMonitor:
             if message is None:
                 return  # the worker went (generator rebuilt or shut down)
             kind, forward, step, steps = message
-            if kind != STEP:
+            if kind in (STAT, NOST):
+                self._on_state(kind, step)
                 continue
-            answer = self._on_step(step, steps)
-            if answer is not None:
+            if kind not in (STEP, FROM):
+                continue
+            for answer in self._on_step(step, steps, start=kind == FROM):
                 with contextlib.suppress(OSError):
                     conn.sendall(_MESSAGE.pack(answer, forward, step, steps))
 
-    def _on_step(self, step: int, steps: int) -> bytes | None:
-        """Report the step; the answer to send (step 0 always gets one), or None."""
+    def _on_step(self, step: int, steps: int, start: bool) -> list[bytes]:
+        """Report the step; the answers to send (a start always gets GO or STOP)."""
         with self._lock:
-            progress, stopping = self._progress, self.error is not None
+            progress, denoising, stopping = self._progress, self._denoising, self.error is not None
         if stopping:
-            return STOP
+            return [STOP]
+        awaited = start or step == steps  # the worker waits for an answer to these
         if progress is None:  # no render routed here (it ended): let the worker go on
-            return GO if step == 0 else None
+            return [GO] if awaited else []
+        answers = []
         try:
+            if start:
+                if denoising is not None:
+                    denoising.started(step)
+            elif denoising is not None and not self._state_asked and denoising.wants_state(step):
+                with self._lock:
+                    self._state_asked = True
+                answers.append(SAVE)  # before a STOP: the state where it stops
             progress("denoising", step, steps)
             self.last_step = step
             if step == steps:
@@ -155,8 +192,27 @@ class StepMonitor:
         except BaseException as exc:  # noqa: BLE001 - any callback error stops the render; the engine raises it
             with self._lock:
                 self.error = exc
-            return STOP
-        return GO if step == 0 else None
+            return [*answers, STOP]
+        return [*answers, GO] if awaited else answers
+
+    def _on_state(self, kind: bytes, step: int) -> None:
+        """The state the worker wrote after ``step`` (STAT), or its answer that it has none (NOST)."""
+        with self._lock:
+            denoising, output = self._denoising, self._output
+        state = None
+        if kind == STAT and output is not None:
+            path = fastvideo_state.state_path(output, step)
+            try:
+                state = denoising_state.read(path)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("the state FastVideo's worker wrote after step %d is unreadable: %s", step, exc)
+            finally:
+                path.unlink(missing_ok=True)
+        if state is not None and denoising is not None:
+            denoising.take_state(state)
+        with self._lock:
+            self._state_asked = False
+            self._lock.notify_all()
 
 
 def _same_user(conn: socket.socket) -> bool:
@@ -228,6 +284,8 @@ class _Reporter:
         self._conn: socket.socket | None = None
         self._forward = 0
         self._stop = False
+        self._save = False
+        self._sending = threading.Lock()  # the render's thread and a state writer's both send
 
     def _connection(self) -> socket.socket | None:
         name = os.environ.get(ADDRESS_ENV)
@@ -243,37 +301,73 @@ class _Reporter:
             self._conn = conn
         return self._conn
 
-    def started(self, steps: int) -> None:
-        """Step 0: report, and wait for the pool process's GO or STOP."""
+    def started(self, steps: int, from_step: int = 0) -> None:
+        """The loop starts after ``from_step`` (0, or a resumed state's): report, and wait for GO or STOP."""
         self._forward += 1
-        self._stop = False
+        self._stop = self._save = False
         conn = self._connection()
-        if conn is not None and self._send(conn, 0, steps):
-            while (answer := _recv(conn)) is not None:
-                kind, forward, _, _ = answer
-                if forward == self._forward and kind in (GO, STOP):
-                    self._stop = kind == STOP
-                    break
-            else:
-                self._lost()
-        self._agree_or_raise(0)
+        if conn is not None and self._send(conn, FROM, self._forward, from_step, steps):
+            self._await_answer(conn)
+        self._agree_or_raise(from_step)
 
     def step(self, step: int, steps: int) -> None:
-        """After a step: report it, and take any STOP the pool process sent meanwhile (no waiting)."""
+        """After a step: report it, take any SAVE or STOP the pool process sent meanwhile (no waiting;
+        after the last step, wait for its GO or STOP: decoding follows), write the state when asked
+        (before stopping, at once), and stop when asked."""
         conn = self._connection()
-        if conn is not None and self._send(conn, step, steps):
-            while select.select([conn], [], [], 0)[0]:
+        if conn is not None and self._send(conn, STEP, self._forward, step, steps):
+            if step == steps:
+                self._await_answer(conn)
+            while self._conn is not None and select.select([conn], [], [], 0)[0]:
                 answer = _recv(conn)
                 if answer is None:
                     self._lost()
                     break
                 kind, forward, _, _ = answer
-                self._stop = self._stop or (kind == STOP and forward == self._forward)
+                if forward == self._forward:
+                    self._stop = self._stop or kind == STOP
+                    self._save = self._save or kind == SAVE
+        if self._save and self._conn is not None:
+            self._save = False
+            self._hand_over_state(self._conn, step, steps, now=self._stop)
         self._agree_or_raise(step)
 
-    def _send(self, conn: socket.socket, step: int, steps: int) -> bool:
+    def _hand_over_state(self, conn: socket.socket, step: int, steps: int, now: bool) -> None:
+        """Write the state after ``step`` beside the render's output and say so (STAT; NOST if there is none)."""
+        state = fastvideo_state.capture(step, steps)  # copies on the device, before the next step changes them
+        forward = self._forward
+
+        def write() -> None:
+            path = None
+            try:
+                if state is not None:
+                    path = fastvideo_state.write_state(state, step)
+            except Exception as exc:  # noqa: BLE001 - a checkpoint never stops a render
+                log.warning("could not write the state after step %d: %s: %s", step, type(exc).__name__, exc)
+            self._send(conn, STAT if path is not None else NOST, forward, step, steps)
+
+        if now:  # stopping: the pool process waits for this state before it gives the render back
+            write()
+        else:
+            threading.Thread(target=write, name="renderfarm-state-writer", daemon=True).start()
+
+    def _await_answer(self, conn: socket.socket) -> None:
+        """Block until the pool process answers this forward's step with GO or STOP (a STOP sent
+        earlier counts too; a SAVE that comes first is kept)."""
+        while (answer := _recv(conn)) is not None:
+            kind, forward, _, _ = answer
+            if forward != self._forward:
+                continue
+            self._save = self._save or kind == SAVE
+            if kind in (GO, STOP):
+                self._stop = self._stop or kind == STOP
+                return
+        self._lost()
+
+    def _send(self, conn: socket.socket, kind: bytes, forward: int, step: int, steps: int) -> bool:
         try:
-            conn.sendall(_MESSAGE.pack(STEP, self._forward, step, steps))
+            with self._sending:
+                conn.sendall(_MESSAGE.pack(kind, forward, step, steps))
         except OSError:
             self._lost()
             return False
@@ -320,8 +414,9 @@ class _ReportingBar:
 
     def __enter__(self) -> _ReportingBar:
         self._bar.__enter__()
+        self._done = fastvideo_state.resumed_from()  # the steps a resumed loop skips are done
         try:
-            _REPORTER.started(self._total)
+            _REPORTER.started(self._total, self._done)
         except BaseException:
             self._bar.__exit__(None, None, None)
             raise
@@ -343,9 +438,12 @@ class _ReportingBar:
 
 
 def install_in_worker() -> None:
-    """In FastVideo's worker process: report steps, stop on request, survive out-of-memory (idempotent)."""
+    """In FastVideo's worker process: report steps, stop on request, resume and hand over the denoising
+    state (``fastvideo_state``), survive out-of-memory (idempotent)."""
     from fastvideo.pipelines.stages.denoising import DenoisingStage
     from fastvideo.worker.gpu_worker import Worker
+
+    fastvideo_state.install()
 
     bar = DenoisingStage.__dict__["progress_bar"]
     if not getattr(bar, "_renderfarm", False):

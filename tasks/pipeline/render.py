@@ -1,16 +1,20 @@
 """The body of ``tasks.render``: the stages, in the order they run.
 
-``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render goes
+``run`` is handed to ``tasks.render`` when a worker starts (``tasks.worker.lifecycle``). A render that
+reaches a process with no engine is given back to its queue untouched (``stray``). A render goes
 through ``s1_validate`` (the request), ``s2_admit`` (cancelled? delivered too often? done elsewhere?), ``s3_lookup``
 (stored already? in the spool from an earlier attempt?), ``s4_generate`` (the engine), ``s5_encode``
 (the MP4), ``s6_spool`` (kept until stored), ``s7_upload`` (to storage, or handed to the background
 in buffer mode) and ``s8_result``; ``s9_notify`` queues its webhook once the final state is written.
-A cancelled render ends ``REVOKED`` with the stage it reached; one past its soft time limit ends
-with ``RenderTimeout``. One whose worker is shutting down (``WorkerShuttingDown``: it saved a
-checkpoint where it stopped) gives its message back to the queue at once with
-``Reject(requeue=True)``: no result is written, and the delivery does not count towards
-``MAX_DELIVERIES`` (``s2_admit`` counts only deliveries their process died in); the next delivery
-continues from the checkpoint.
+
+A cancelled render ends ``REVOKED`` with the point it reached: a denoising step, or the boundary
+before decoding, encoding or uploading (``RenderStop``, asked there; an MP4 this attempt left in
+the spool is removed). The video is never half stored: an upload under way is not cut, the render
+then ends ``SUCCESS``. One past its soft time limit ends with ``RenderTimeout``. One whose worker
+is shutting down (``WorkerShuttingDown``, from the same ``RenderStop``: stage 4 saved a checkpoint
+where it stopped) gives its message back to the queue at once with ``Reject(requeue=True)``: no
+result is written, and the delivery does not count towards ``MAX_DELIVERIES`` (``s2_admit``
+counts only deliveries their process died in); the next delivery continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
+from tasks.cancel import StopPoint
+from tasks.engines.holder import ENGINE
 from tasks.errors import RenderTimeout
 from tasks.images import ConditioningImage
 from tasks.pipeline import resources
-from tasks.pipeline.cancelling import RenderCancelled
-from tasks.pipeline.events import render_encoded
+from tasks.pipeline.cancelling import RenderCancelled, RenderStop, mark_revoked
+from tasks.pipeline.events import render_encoded, render_handed_back
 from tasks.pipeline.progress import StageClock
 from tasks.pipeline.s1_validate import validate
 from tasks.pipeline.s2_admit import delivery, drop_if_succeeded
@@ -37,6 +43,7 @@ from tasks.pipeline.s6_spool import SpooledVideo
 from tasks.pipeline.s7_upload import hand_over_upload, upload
 from tasks.pipeline.s8_result import result_of
 from tasks.pipeline.stopping import WorkerShuttingDown
+from tasks.pipeline.stray import give_back
 from tasks.schemas import RenderRequest
 from worker_config.settings import get_settings
 
@@ -47,19 +54,23 @@ log = get_task_logger("tasks.render")  # the task's name: every line of a render
 
 def run(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Render one request; return the result object (see ``RenderResult``)."""
+    if not ENGINE.ready:
+        give_back(task)  # not a render worker's process: back to the queue, never failed
     clock = StageClock(task)
     try:
-        return _stages(task, clock, args, kwargs)
-    except RenderCancelled:
+        with RenderStop(task.backend.client, task.request.id) as stop:
+            return _stages(task, clock, stop, args, kwargs)
+    except RenderCancelled as cancelled:
         clock.close()  # no PROGRESS lands after REVOKED
-        reason = f"cancelled by request during stage {clock.stage!r}"
-        log.info("%s; the model stays loaded", reason)
-        task.backend.mark_as_revoked(task.request.id, reason=reason, request=task.request)
-        _send_revoked_event(task)
+        point = cancelled.point or StopPoint(clock.stage or "validating")
+        log.info("%s; the model stays loaded", point.reason())
+        mark_revoked(task, task.request, point)
         raise Ignore() from None
     except WorkerShuttingDown as stopped:
         clock.close()
         log.warning("%s during stage %r: the task goes back to the queue", stopped, clock.stage)
+        queue = (task.request.delivery_info or {}).get("routing_key") or "?"
+        render_handed_back.send(sender=task, queue=queue, step=stopped.step)
         raise Reject(str(stopped), requeue=True) from None
     except SoftTimeLimitExceeded:
         limit = get_settings().RENDER_SOFT_TIME_LIMIT_S
@@ -80,28 +91,26 @@ def _previews(video: Path, key: str) -> None:
         log.warning("no poster or spritesheet for %s: %s: %s", video.name, type(exc).__name__, exc)
 
 
-def _send_revoked_event(task: Task) -> None:
-    """The final event monitors (Flower) need: a task that ends by ``Ignore`` sends none of its own."""
-    if not task.app.conf.worker_send_task_events:
-        return
-    try:
-        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
-    except Exception as exc:  # noqa: BLE001 - the state in the result backend is what counts
-        log.warning("could not send the task-revoked event: %s", exc)
-
-
-def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _stages(
+    task: Task, clock: StageClock, stop: RenderStop, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:  # fmt: skip
     clock.enter("validating")
     request, spec, key, image = validate(task.request.id, args, kwargs)
     with delivery(task):
         log.info("render %s: %dx%d x%d frames, %d steps, seed %d -> %s", spec["model"], spec["width"],
                  spec["height"], spec["num_frames"], spec["num_inference_steps"], spec["seed"], key)  # fmt: skip
         try:
-            video = _video(task, clock, request, spec, key, image)
+            video, rendered = _video(task, clock, stop, request, spec, key, image)
         except ServedFromStorage as hit:
             log.info("served from storage: %s", key)
             drop_if_succeeded(task)  # another copy of this task stored it and succeeded since admission
             return result_of(task, hit.video, clock, cached=True)
+        try:
+            stop.check("uploading")
+        except RenderCancelled:
+            if rendered:  # an MP4 found from an earlier attempt may be another render's to upload
+                resources.spool().discard(key)
+            raise
         if get_settings().WORKER_MODE == "buffer" and task.request.id is not None:
             hand_over_upload(task, clock, key, video)  # the next render starts while this one uploads
             raise Ignore()
@@ -111,11 +120,11 @@ def _stages(task: Task, clock: StageClock, args: tuple[Any, ...], kwargs: dict[s
 
 
 def _video(
-    task: Task, clock: StageClock, request: RenderRequest, spec: dict[str, Any], key: str,
+    task: Task, clock: StageClock, stop: RenderStop, request: RenderRequest, spec: dict[str, Any], key: str,
     image: ConditioningImage | None,
-) -> SpooledVideo:  # fmt: skip
-    """The finished MP4 in the spool: rendered now, or left there by an earlier attempt.
-    ``ServedFromStorage`` when storage has it already."""
+) -> tuple[SpooledVideo, bool]:  # fmt: skip
+    """The finished MP4 in the spool, and whether it was rendered now (else an earlier attempt left
+    it there). ``ServedFromStorage`` when storage has it already."""
     # Storage is asked whether the video exists while the render starts; its answer is awaited
     # before the first denoising step (see s3_lookup).
     lookup = None if request.force else StorageLookup(resources.store(), key)
@@ -123,8 +132,14 @@ def _video(
     if video is not None:
         serve_if_stored(lookup, clock)
         log.info("found %s in the spool from an earlier attempt; uploading it without rendering again", key)
-        return video
-    output, engine, memory = generate(task, clock, spec, lookup, image)
+        return video, False
+    output, engine, memory = generate(task, clock, spec, lookup, image, stop)
+    try:
+        stop.check("encoding")
+    except RenderCancelled:
+        if output.video_path is not None:  # written by the engine (FastVideo): nobody will want it
+            output.video_path.unlink(missing_ok=True)
+        raise
     clock.enter("encoding")
     path = resources.spool().video_path(key)
     encode(output, engine, spec, path)
@@ -132,4 +147,4 @@ def _video(
     # The frames are gone: the worker gives the memory they held back to the OS (tasks.worker.memory).
     render_encoded.send(sender=task)
     metadata = video_metadata(path, spec, engine, memory, image.key if image else None)
-    return resources.spool().commit(key, metadata)
+    return resources.spool().commit(key, metadata), True

@@ -3,9 +3,13 @@
 The keyword arguments are validated (``tasks.schemas``), the model checked (served here? does it take
 the image the request sends?), an image-conditioned render's image read and checked by its content
 (``tasks.images``) and stored at its content address, the defaults of the served model filled in
-and the deployment's limits checked (``tasks.keys.resolve``), and the object key computed. Any
-problem is an ``InvalidRequest`` naming every bad field: never retried, no model time spent.
-Storage that cannot be reached for the image is ``StorageUnavailable`` (retried, as for uploads).
+and the deployment's limits checked (``tasks.keys.resolve``), and the object key computed.
+
+Problems are reported all at once, in one ``InvalidRequest`` naming every bad field: the schema's
+(``tasks.schemas.check_fields``) and the deployment's (``tasks.keys.request_problems``: model,
+prompt length, size rules, limits) on the fields that passed the schema. The image is read only
+once all of that holds (it may be in storage). Never retried, no model time spent. Storage that
+cannot be reached for the image is ``StorageUnavailable`` (retried, as for uploads).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from celery.utils.log import get_task_logger
 
 from tasks.errors import InvalidRequest
 from tasks.images import ConditioningImage, check_data_url, check_image, parse_ref
-from tasks.keys import RenderSpec, check_model, object_key, resolve
+from tasks.keys import RenderSpec, object_key, request_problems, resolve
 from tasks.pipeline import resources
-from tasks.schemas import Limits, RenderRequest, parse_request
+from tasks.schemas import Limits, RenderRequest, check_fields, invalid
 from worker_config.settings import get_settings
 
 __all__ = ["validate", "Validated"]
@@ -35,9 +39,11 @@ def validate(task_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any])
             f"invalid render request: tasks.render takes keyword arguments only, got {len(args)} positional; "
             "send kwargs={'prompt': ...}"
         )
-    request = parse_request(kwargs)
+    request, given, problems = check_fields(kwargs)
     served, limits = get_settings().MODEL_ID, resources.limits()
-    check_model(request, served, limits)
+    problems += request_problems(given, served, limits, {problem.field for problem in problems})
+    if request is None or problems:
+        raise invalid(problems)
     image = None if request.image is None else _image(request.image, limits)
     spec = resolve(request, served, task_id or "local", limits, image)
     return request, spec, object_key(spec), image

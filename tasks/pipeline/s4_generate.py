@@ -2,7 +2,8 @@
 
 The engine loaded in this process (``tasks.engines.holder.ENGINE``) renders the spec and reports
 each stage and step through a callback, which moves the task's progress (``StageClock``), asks
-whether the render should stop there (``RenderStop``: cancelled, or the worker shutting down),
+whether the render must stop (``RenderStop``: ``RenderCancelled`` stops it at that step, or before
+that stage: decoding included; ``WorkerShuttingDown`` the same way until the last denoising step)
 and, before the first denoising step, waits for the storage lookup (``ServedFromStorage`` stops it there).
 An out-of-memory gets one more try after memory is freed (``tasks.engines.oom``). The render's
 peak memory is measured in this process around it (``tasks.engines.peak_memory``), unless the
@@ -27,12 +28,12 @@ from tasks.engines.peak_memory import PeakMemory
 from tasks.images import ConditioningImage
 from tasks.keys import RenderSpec, object_key
 from tasks.pipeline import resources
-from tasks.pipeline.cancelling import CancelWatch
+from tasks.pipeline.cancelling import RenderStop
 from tasks.pipeline.checkpoints import Checkpoints, Identity
 from tasks.pipeline.events import denoised
 from tasks.pipeline.progress import StageClock
 from tasks.pipeline.s3_lookup import StorageLookup, serve_if_stored
-from tasks.pipeline.stopping import RenderStop, WorkerShuttingDown
+from tasks.pipeline.stopping import WorkerShuttingDown
 from worker_config.settings import Settings, get_settings
 
 __all__ = ["generate", "Memory", "HAND_BACK_SAVE_S"]
@@ -51,21 +52,18 @@ def generate(
     clock: StageClock,
     spec: RenderSpec,
     lookup: StorageLookup | None,
-    image: ConditioningImage | None = None,
+    image: ConditioningImage | None,
+    stop: RenderStop,
 ) -> tuple[RenderOutput, str, Memory]:
     """(the engine's output, the engine's name, the render's peak memory); ``image`` conditions the render."""
     engine = ENGINE.get()
-    watch = CancelWatch(task.backend.client, task.request.id)
-    stop = RenderStop(watch)
-    stop.check()  # a worker that began to shut down before the model's work gives the task back now
     denoising = _Denoising(clock, stop, _checkpoints(get_settings(), engine.name, spec))
 
     def progress(stage: str, step: int | None, steps: int | None) -> None:
         nonlocal lookup
         if stage == "denoising" and step is not None:
             denoising.reached(step)
-        if step is not None:
-            stop.check(step, steps)
+        stop.check(stage, step, steps)
         # Engines report denoising step 0 before their first step: storage must have answered by then.
         if lookup is not None and (stage == "denoising" or lookup.done()):
             answered, lookup = lookup, None
@@ -76,10 +74,7 @@ def generate(
     peak.start()
     outcome = "failed"
     try:
-        with watch:
-            output = with_one_oom_retry(
-                lambda: engine.render(spec, progress, image, denoising), spec, engine.device
-            )  # fmt: skip
+        output = with_one_oom_retry(lambda: engine.render(spec, progress, image, denoising), spec, engine.device)
         outcome = "completed"
     except WorkerShuttingDown:
         outcome = "handed back"
@@ -137,6 +132,8 @@ class _Denoising:
         return step < (self.steps or step + 1) and self._checkpoints.due()
 
     def take_state(self, state: DenoisingState) -> None:
+        # A loop in another process (FastVideo's worker) may be ahead of the steps it has reported.
+        self.reached(state.step)
         if self._checkpoints is None:
             return
         if self._stop.shutting_down() and state.step < state.steps:

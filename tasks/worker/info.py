@@ -1,7 +1,9 @@
 """``renderfarm_info``: a remote-control command a worker answers with what it serves.
 
-``app.control.broadcast("renderfarm_info", reply=True)`` returns, per worker, the model
-(``MODEL_ID``), the engine it is configured for, its queues, worker mode and metrics port.
+``app.control.broadcast("renderfarm_info", reply=True)`` returns, per worker, whether it is a
+render worker (``renders``, ``tasks.worker.queues``), the model (``MODEL_ID``) and the engine it
+is configured for (``null`` in a worker that is not a render worker), its queues, worker mode and
+metrics port.
 ``renderfarm workers`` shows it beside Celery's own ``active`` and ``stats``.
 """
 
@@ -19,6 +21,7 @@ __all__ = ["install", "renderfarm_info"]
 def renderfarm_info(state: Any, **_: Any) -> dict[str, Any]:
     """What this worker serves: model, engine, queues, mode, metrics port."""
     from tasks.engines import choose_engine
+    from tasks.worker.queues import serves_renders
     from worker_config.settings import get_settings
 
     settings = get_settings()
@@ -26,9 +29,11 @@ def renderfarm_info(state: Any, **_: Any) -> dict[str, Any]:
         queues = sorted(q.name for q in state.consumer.task_consumer.queues)
     except AttributeError:
         queues = []
+    renders = serves_renders()
     return {
-        "model": settings.MODEL_ID,
-        "engine": choose_engine(settings),
+        "renders": renders,
+        "model": settings.MODEL_ID if renders else None,
+        "engine": choose_engine(settings) if renders else None,
         "queues": queues,
         "worker_mode": settings.WORKER_MODE,
         "metrics_port": settings.METRICS_PORT or None,

@@ -6,14 +6,20 @@
 - ``celeryd_init`` (main process, the first signal a starting ``celery worker`` sends):
   ``tasks.render`` gets its body, the pipeline, and ``tasks.deliver_webhook`` is declared, both
   with their retry policies from settings.
-- ``worker_init`` (main process): without usable shared memory the worker stops at once.
+- ``worker_init`` (main process): without usable shared memory the worker stops at once; so it
+  does when Redis refuses REDIS_URL's password or speaks TLS to a plain ``redis://`` URL (exit
+  code 2, the fix named: ``worker_config.redis_link.first_contact``). A Redis that is merely away
+  is waited for, as Celery retries.
 - ``worker_process_init`` (each pool child, or the main process with ``--pool=solo``): the
   spool is swept (``SPOOL_MAX_AGE_S``, and ``.part`` files of killed processes), the
   process is made able to start multiprocessing children (``tasks.worker.mp_in_pool``), the
   self-check prints its banner and picks the engine, falling back where FastVideo's mp executor
   cannot run (``tasks.worker.selfcheck``), and the engine is loaded into ``ENGINE`` (the one
-  owner, ``tasks.engines.holder``). If any of it fails, the process prints a diagnosis and stops
-  the whole worker (exit code 1): it never takes tasks it cannot run.
+  owner, ``tasks.engines.holder``); an engine that fails to start in a way a fallback answers
+  (FastVideo's Ray executor) is followed by the fallback ``ENGINE_FALLBACKS`` allows. If any of
+  it fails, the process prints a diagnosis and stops the whole worker (exit code 1): it never
+  takes tasks it cannot run. A worker that is not a render worker (``tasks.worker.queues``: e.g.
+  ``-Q webhooks``) loads no engine.
 - ``worker_shutting_down`` (main process, SIGTERM or SIGINT: Celery's warm shutdown): the shutdown
   flag every pool child reads at each denoising step is set (``tasks.pipeline.stopping``, armed at
   ``worker_init`` before the pool forks): a running render stops at its next step, saves a
@@ -42,9 +48,10 @@ from tasks.pipeline.render import run
 from tasks.pipeline.s7_upload import UPLOADER
 from tasks.pipeline.stopping import SHUTDOWN
 from tasks.render import use_pipeline
-from tasks.worker import selfcheck
+from tasks.worker import queues, selfcheck
 from tasks.worker.allocator import cuda_allocator, keep_freed_memory
 from tasks.worker.mp_in_pool import allow_children_in_pool_process
+from worker_config.redis_link import first_contact
 from worker_config.settings import get_settings
 
 if TYPE_CHECKING:
@@ -59,6 +66,7 @@ INTERNALS = ("celery.worker.worker.WorkController.exitcode",)  # what `celery wo
 
 log = logging.getLogger("renderfarm.worker")
 EX_ENGINE_FAILED = 1
+EX_REDIS_URL = 2  # like invalid settings: REDIS_URL's password or scheme is wrong
 _MAIN_PID: int | None = None
 # Shared with the pool children (created before they fork): set when a child could not load the
 # engine, so the main process exits non-zero (Celery's cold shutdown alone exits 0).
@@ -108,12 +116,22 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         print(f"renderfarm worker: FATAL: {problem}", file=sys.stderr, flush=True)
         raise SystemExit(1)
 
+    # A refused password or a plain redis:// to a TLS server is a wrong REDIS_URL, not an outage to wait out.
+    if (fault := first_contact(get_settings())) is not None:
+        if fault.certain:
+            print(f"renderfarm worker: FATAL: {fault.what}; fix: {fault.fix}", file=sys.stderr, flush=True)
+            raise SystemExit(EX_REDIS_URL)
+        log.warning("%s; fix: %s", fault.what, fault.fix)
+
     _MAIN_PID, _WORKER = os.getpid(), sender
     _FATAL = multiprocessing.RawValue("i", 0)
     SHUTDOWN.arm()
 
 
 def _on_process_init(**_: Any) -> None:
+    if not queues.serves_renders():
+        log.info("no engine in pid %d: this worker consumes no render queue", os.getpid())
+        return
     try:
         allow_children_in_pool_process()
         settings = get_settings()
@@ -123,7 +141,14 @@ def _on_process_init(**_: Any) -> None:
         _sweep_spool(settings)
         plan = selfcheck.startup(settings)
         with _sigquit_is_a_load_failure():
-            ENGINE.load(plan.settings, plan.engine)
+            try:
+                ENGINE.load(plan.settings, plan.engine)
+            except Exception as exc:  # a start failure a fallback answers (FastVideo's Ray executor)
+                fallback = selfcheck.fallback_after(plan, exc)  # FatalWorkerError: none allowed
+                if fallback is None:
+                    raise
+                print(f"renderfarm self-check: {fallback.reason}", flush=True)
+                ENGINE.load(fallback.settings, fallback.engine)
     except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
         _die(exc)
 

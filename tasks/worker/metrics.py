@@ -15,6 +15,10 @@ Recorded from Celery signals only (the task itself knows nothing of metrics):
   outcome is success, cached, invalid, timeout, cancelled, storage, delivery_limit, out_of_memory
   or error.
 - ``renderfarm_render_retries_total{reason}``: renders sent back to the queue to try again.
+- ``renderfarm_renders_requeued_total{queue,reason}``: renders given back to their queue untouched
+  by a process with no engine (``reason="no_engine"``, ``tasks.pipeline.stray``): never a failure,
+  but a worker consumed a render queue it cannot serve; and renders a worker shutting down gave
+  back with a checkpoint (``reason="shutdown"``, the pipeline's ``render_handed_back``).
 - ``renderfarm_render_peak_memory_bytes{source}``: the last render's peak (``cuda`` or ``rss``).
 - ``renderfarm_model_load_seconds{model,engine}`` histogram: one sample per pool child's load.
 - ``renderfarm_webhook_deliveries_total{outcome}``: delivered, retried, failed.
@@ -26,7 +30,6 @@ Recorded from Celery signals only (the task itself knows nothing of metrics):
   unreadable), ``renderfarm_checkpoint_save_seconds`` histogram and ``renderfarm_checkpoint_bytes``
   (the last one's size), ``renderfarm_render_resumes_total`` and
   ``renderfarm_denoising_steps_saved_total`` (steps a resume did not compute again).
-- ``renderfarm_render_handbacks_total``: renders given back to the queue by a worker shutting down.
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ from typing import Any
 from celery import signals
 
 from tasks.engines.holder import ENGINE
-from tasks.pipeline.events import checkpointed, denoised, render_stored
+from tasks.pipeline.events import (
+    checkpointed,
+    denoised,
+    render_cancelled,
+    render_given_back,
+    render_handed_back,
+    render_stored,
+)
+from tasks.worker.queues import serves_renders
 from worker_config.celery_config import priority_lists
 from worker_config.redis_link import redis_client
 from worker_config.routing import RENDER_TASK
@@ -65,7 +76,7 @@ _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 class _Metrics:
     """The metric objects; created once in the main process, inherited by every forked pool child."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, renders: bool = True) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.model = model  # every render series carries the worker's model (MODEL_ID)
@@ -95,6 +106,12 @@ class _Metrics:
             "renderfarm_model_load_seconds", "Seconds to load the model in a pool process", ["model", "engine"],
             buckets=_LOAD_BUCKETS,
         )  # fmt: skip
+        self.requeued = Counter(
+            "renderfarm_renders_requeued",
+            "Renders given back to their queue: untouched by a process that cannot run them (no_engine), or with "
+            "a checkpoint by a worker shutting down (shutdown)",
+            ["queue", "reason"],
+        )
         self.webhooks = Counter("renderfarm_webhook_deliveries", "Webhook delivery attempts, by outcome", ["outcome"])
         self.steps = Counter("renderfarm_denoising_steps", "Denoising steps computed", ["model"])
         self.checkpoints = Counter(
@@ -116,16 +133,13 @@ class _Metrics:
         self.steps_saved = Counter(
             "renderfarm_denoising_steps_saved", "Denoising steps a resume did not compute again", ["model"]
         )
-        self.handbacks = Counter(
-            "renderfarm_render_handbacks", "Renders given back to the queue by a worker shutting down", ["model"]
-        )
-        for outcome in OUTCOMES:  # every series exists from the first scrape, at 0
+        for outcome in OUTCOMES if renders else ():  # a render worker's series exist from the first scrape, at 0
             self.renders.labels(model, outcome)
-        for outcome in CHECKPOINT_OUTCOMES:
+        for outcome in CHECKPOINT_OUTCOMES if renders else ():
             self.checkpoints.labels(model, outcome)
-        for reason in _IGNORED_REASONS:
+        for reason in _IGNORED_REASONS if renders else ():
             self.ignored.labels(model, reason)
-        for counter in (self.steps, self.resumes, self.steps_saved, self.handbacks):
+        for counter in (self.steps, self.resumes, self.steps_saved) if renders else ():
             counter.labels(model)
 
 
@@ -176,7 +190,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
     if values.ValueClass is values.MutexValue:  # imported earlier without the directory set
         values.ValueClass = values.MultiProcessValue()
-    _M = _Metrics(settings.MODEL_ID)
+    _M = _Metrics(settings.MODEL_ID, renders=serves_renders())  # after tasks.worker.queues decided it
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=_DIR)
     conf = sender.app.conf
@@ -322,21 +336,31 @@ def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
         _M.retries.labels(_M.model, outcome_of(reason if isinstance(reason, BaseException) else None)).inc()
 
 
+def _on_given_back(sender: Any = None, queue: str | None = None, reason: str | None = None, **_: Any) -> None:
+    if _M is not None:
+        _M.requeued.labels(queue or "?", reason or "?").inc()
+
+
 def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
-    # A render cancelled while running ends with Ignore after marking itself REVOKED; one whose
-    # worker is shutting down gives its message back (Reject): REJECTED.
-    if _M is None or _task_name(sender) != RENDER_TASK or not task_id:
-        return
-    if state == "REJECTED":
+    if state == "REJECTED":  # given back to its queue (tasks.pipeline.stray, or a shutdown): it runs elsewhere
         _elapsed(task_id)
-        _M.handbacks.labels(_M.model).inc()
         return
-    if state != "IGNORED":
-        return
-    seconds = _elapsed(task_id)
-    if sender.AsyncResult(task_id).state == "REVOKED":
+    # A render that ended with Ignore (cancelled: counted by render_cancelled; or handed to buffer
+    # mode's background upload: counted when stored) is not timed from here on.
+    if _M is not None and _task_name(sender) == RENDER_TASK and state == "IGNORED":
+        _elapsed(task_id)
+
+
+def _on_handed_back(sender: Any = None, queue: str | None = None, **_: Any) -> None:
+    if _M is not None:
+        _M.requeued.labels(queue or "?", "shutdown").inc()
+
+
+def _on_render_cancelled(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    # Stopped while it ran, or by buffer mode's background thread before its upload.
+    if _M is not None:
         _M.renders.labels(_M.model, "cancelled").inc()
-        if seconds is not None:
+        if (seconds := _elapsed(task_id)) is not None:
             _M.render_seconds.labels(_M.model, "cancelled").observe(seconds)
 
 
@@ -375,6 +399,9 @@ def install(app: Any) -> None:
     signals.task_prerun.connect(_on_prerun, weak=False)
     signals.task_success.connect(_on_success, weak=False)
     render_stored.connect(_on_render_stored, weak=False)
+    render_given_back.connect(_on_given_back, weak=False)
+    render_handed_back.connect(_on_handed_back, weak=False)
+    render_cancelled.connect(_on_render_cancelled, weak=False)
     denoised.connect(_on_denoised, weak=False)
     checkpointed.connect(_on_checkpointed, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)

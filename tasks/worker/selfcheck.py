@@ -8,7 +8,10 @@ through shared memory otherwise). A real model whose CUDA is unusable stops the 
 diagnosis (``tasks.engines.device``): no silent CPU fallback. When FastVideo's mp executor cannot
 run here it says exactly why and what to set, then falls back in the order ``ENGINE_FALLBACKS``
 gives (``ray``: FastVideo with the Ray executor; ``diffusers``: the diffusers engine) or raises
-``FatalWorkerError`` so the worker exits instead of taking tasks.
+``FatalWorkerError`` so the worker exits instead of taking tasks. A FastVideo Ray executor that
+does not start (``RayStartFailed``: Ray itself, or its placement group not ready within
+``FASTVIDEO_RAY_START_TIMEOUT_S``) follows the same rules: ``fallback_after`` names the next engine
+``ENGINE_FALLBACKS`` allows, or the worker exits with the diagnosis.
 
 Operators run the same checks on demand: ``python -m tasks.worker.selfcheck`` (exit 0 when the
 configured engine, or a fallback, can run; 1 otherwise). ``run_checks(settings)`` is the API.
@@ -26,7 +29,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from worker_config.settings import Settings
 
-__all__ = ["Check", "Plan", "run_checks", "plan", "banner", "startup", "main", "semaphores_problem", "SHM_FIX"]
+__all__ = [
+    "Check", "Plan", "run_checks", "plan", "fallback_after", "banner", "startup", "main", "semaphores_problem",
+    "SHM_FIX",
+]  # fmt: skip
 
 SHM = "/dev/shm"
 SHM_FIX = (
@@ -267,6 +273,39 @@ def plan(settings: Settings, checks: list[Check]) -> Plan:
         f"FastVideo's mp executor cannot run in this container ({why}). Fix: {fix}. "
         f"ENGINE_FALLBACKS={settings.ENGINE_FALLBACKS or 'none'!s}{tried}"
     )
+
+
+def fallback_after(chosen: Plan, exc: BaseException) -> Plan | None:
+    """What to load when ``chosen`` failed to start with ``exc``: ``None`` when no fallback answers this
+    failure (the caller re-raises it); ``FatalWorkerError`` with the diagnosis when one would, but
+    ``ENGINE_FALLBACKS`` allows none. Only a FastVideo Ray executor that did not start qualifies: the
+    engines after ``ray`` in ``ENGINE_FALLBACKS`` when Ray was itself a fallback, every other one when
+    it was configured."""
+    from tasks.engines.fastvideo_ray import RayStartFailed
+    from tasks.errors import FatalWorkerError
+
+    if not isinstance(exc, RayStartFailed):
+        return None
+    settings = chosen.settings
+    fallbacks = list(settings.engine_fallbacks)
+    if chosen.fallback and "ray" in fallbacks:
+        fallbacks = fallbacks[fallbacks.index("ray") + 1 :]
+    skipped: list[str] = []
+    for fallback in fallbacks:
+        if fallback != "diffusers":
+            continue
+        if importlib.util.find_spec("diffusers") is None:
+            skipped.append("diffusers (the diffusers package is not installed)")
+            continue
+        return Plan(
+            "diffusers", settings.model_copy(update={"ENGINE": "diffusers"}),
+            f"FastVideo's Ray executor did not start; fallback to the diffusers engine. Cause: {exc}", True,
+        )  # fmt: skip
+    tried = f"; fallbacks skipped: {', '.join(skipped)}" if skipped else ""
+    raise FatalWorkerError(
+        f"{exc} ENGINE_FALLBACKS={settings.ENGINE_FALLBACKS or 'none'!s} allows no other engine here{tried} "
+        "(ENGINE_FALLBACKS=diffusers renders with the diffusers engine instead)."
+    ) from exc
 
 
 def startup(settings: Settings) -> Plan:
