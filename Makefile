@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory bench-memory-fastvideo gpu-bundle gpu-smoke gpu-smoke-cpu
+.PHONY: install demo test test-main test-fast install-fastvideo test-fastvideo lint typecheck check clean bench bench-memory bench-memory-fastvideo gpu-bundle gpu-smoke gpu-smoke-cpu chaos
 
 # The FastVideo engine on CPU (issue 3): its own venv, torch 2.14.1 + fastvideo 0.2.1 --no-deps + ray 2.60.0 (~6.8 GB).
 FV_VENV ?= .venv-fastvideo
@@ -57,6 +57,11 @@ bench-memory: $(STAMP)  ## worker memory over 300 renders (prints growth per ren
 
 bench-memory-fastvideo: $(FV_STAMP)  ## the same with ENGINE=fastvideo (its spawned worker's RSS included)
 	$(FV_VENV)/bin/python -m bench.memory --engine fastvideo
+
+DURATION ?= 900
+SEED ?= 1
+chaos: $(STAMP)  ## chaos soak (needs root): DURATION s of faults with checkpoints on, then off, SEED's schedule; prints a table (ARGS=--write-docs: docs/reliability.md)
+	$(PY) -m bench.chaos --duration $(DURATION) --seed $(SEED) $(ARGS)
 
 gpu-bundle: $(STAMP)  ## here, with network: what gpu-smoke needs on a GPU machine without it, in .gpu-bundle/ (< 64 MiB with the source)
 	$(PY) -m bench.gpu_bundle

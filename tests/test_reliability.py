@@ -1,4 +1,4 @@
-"""Faults outside the worker, injected for real: storage down, Redis restarted."""
+"""Faults outside the worker, injected for real: storage down, Redis restarted, copies of a task that succeeded."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.support import PACED, RedisServer, S3Server, free_port, minio_client, videos_in, wait_for
+from tests.support import PACED, RedisServer, S3Server, SlowS3Proxy, free_port, minio_client, videos_in, wait_for
 
 SLOW = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 40}  # paced: 4 s or more
 
@@ -156,3 +156,54 @@ def test_storage_refusing_writes_is_retried_then_fails_with_the_video_kept_in_th
         assert len(list(spool.glob("*.jpg"))) == 2
     finally:
         storage.close()
+
+
+class HeldLookups(SlowS3Proxy):
+    """A proxy in front of the S3 endpoint that, while ``hold`` is set, holds every storage lookup of
+    a video (``HEAD /<bucket>/renders/...mp4``) until ``released`` is set; everything else passes."""
+
+    def __init__(self, upstream_port: int, bucket: str) -> None:
+        super().__init__(upstream_port, 0.0, methods=("HEAD",))
+        self._lookup = f"HEAD /{bucket}/renders/".encode()
+        self.hold = False
+        self.holding = threading.Event()
+        self.released = threading.Event()
+
+    def _hold(self, data: bytes) -> None:
+        if self.hold and data.startswith(self._lookup) and b".mp4 " in data.split(b"\r\n", 1)[0]:
+            self.holding.set()
+            self.released.wait(120)
+
+
+def test_a_copy_that_finds_the_video_stored_once_the_task_succeeded_elsewhere_is_dropped(
+    start_worker, producer: Celery, s3_server: S3Server, s3, bucket
+):
+    # Found by the chaos soak (issue 27): a second copy of a running render (its lease had lapsed
+    # while Redis was down) was admitted just before the first copy wrote SUCCESS, then found the
+    # first copy's video in storage and reported SUCCESS (cached) a second time: a second
+    # task-succeeded event, webhook and count. Here the second copy's lookup is held until the
+    # first copy has succeeded, which makes the same order certain.
+    lookups = HeldLookups(s3_server.port, bucket)
+    try:
+        workers = [start_worker(MINIO_ENDPOINT=lookups.endpoint, **PACED) for _ in range(2)]
+        request = {**SLOW, "prompt": "found stored by its own copy", "seed": 12}
+        result = producer.send_task("tasks.render", kwargs=request, queue="render")
+        first = wait_for(lambda: next((w for w in workers if "denoising step 1 of" in w.log), None), 120,
+                         "the first copy to be denoising (its lookup answered)")  # fmt: skip
+        second = next(w for w in workers if w is not first)
+        lookups.hold = True
+        producer.send_task("tasks.render", kwargs=request, task_id=result.id, queue="render")  # the idle worker's
+        assert lookups.holding.wait(60), "the copy never asked storage for its video"
+        done = result.get(timeout=120)  # the first copy stored the video and wrote SUCCESS
+        lookups.released.set()
+        succeeded = f"Task tasks.render[{result.id}] succeeded"
+        wait_for(lambda: succeeded in second.log or "this copy is dropped" in second.log, 60, "the copy to end")
+    finally:
+        lookups.released.set()
+        lookups.stop()
+    assert "seed 12 ->" in second.log and "served from storage" in second.log  # it was admitted, then found it
+    assert f"task {result.id} already succeeded on {first.hostname}" in second.log
+    assert first.log.count(succeeded) + second.log.count(succeeded) == 1  # one SUCCESS reported
+    final = producer.AsyncResult(result.id)
+    assert final.state == "SUCCESS" and final.result["worker"] == first.hostname == done["worker"]
+    assert [o.object_name for o in videos_in(s3, bucket)] == [done["key"]]

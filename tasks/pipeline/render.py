@@ -103,6 +103,7 @@ def _stages(
             video, rendered = _video(task, clock, stop, request, spec, key, image)
         except ServedFromStorage as hit:
             log.info("served from storage: %s", key)
+            drop_if_succeeded(task)  # another copy of this task stored it and succeeded since admission
             return result_of(task, hit.video, clock, cached=True)
         try:
             stop.check("uploading")

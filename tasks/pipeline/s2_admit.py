@@ -3,7 +3,9 @@
 Has another worker finished it already? A delivery of a task that succeeded elsewhere (the late
 retry of a worker that was cut off, a copy sent again under the same task id) is dropped before
 any model work; a copy that was already rendering (a paused or cut-off node's) is dropped after
-its upload (``drop_if_succeeded``): the stored result stands, no second ``SUCCESS`` is reported.
+its upload, and one admitted just before the other copy succeeded is dropped when it finds that
+copy's video in storage (``drop_if_succeeded``): the stored result stands, no second ``SUCCESS``
+is reported.
 
 If Redis cannot be reached here the render goes on, uncounted and unchecked, and says so: a render
 does not need Redis, its cancel flag is watched again while it denoises, and a count missed in an
