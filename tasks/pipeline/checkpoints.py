@@ -37,9 +37,8 @@ import hashlib
 import json
 import os
 import struct
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ from celery.utils.log import get_task_logger
 from tasks.engines import DenoisingState
 from tasks.errors import StorageUnavailable
 from tasks.pipeline.events import checkpointed
+from tasks.pipeline.threads import ProcessPool
 
 __all__ = [
     "CHECKPOINT_PREFIX", "FORMAT", "MAX_CHECKPOINT_BYTES", "Identity", "CheckpointRejected", "Checkpoints",
@@ -151,17 +151,7 @@ def discard(store: Any, video_key: str) -> None:
         log.warning("could not delete the checkpoint of %s (it expires on its own): %s", video_key, exc)
 
 
-_lock = threading.Lock()
-_executor: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """This process's checkpoint threads: one finds, one saves (a forked child starts its own)."""
-    global _executor
-    with _lock:
-        if _executor is None or _executor[0] != os.getpid():
-            _executor = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="renderfarm-checkpoint"))
-        return _executor[1]
+_pool = ProcessPool("renderfarm-checkpoint", 2)  # this process's checkpoint threads: one finds, one saves
 
 
 class Checkpoints:

@@ -9,32 +9,21 @@ prompt, and the answer is awaited before the first denoising step (``serve_if_st
 
 from __future__ import annotations
 
-import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from celery.utils.log import get_task_logger
 
 from tasks.errors import StorageUnavailable
 from tasks.pipeline.progress import StageClock
 from tasks.pipeline.storage import StoredVideo, VideoStore
+from tasks.pipeline.threads import ProcessPool
 
 __all__ = ["StorageLookup", "ServedFromStorage", "serve_if_stored"]
 
 log = get_task_logger("tasks.render")
 
-_lock = threading.Lock()
-_executor: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """This process's lookup thread (a forked child starts its own: threads do not survive a fork)."""
-    global _executor
-    with _lock:
-        if _executor is None or _executor[0] != os.getpid():
-            _executor = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="renderfarm-lookup"))
-        return _executor[1]
+_pool = ProcessPool("renderfarm-lookup", 1)  # this process's lookup thread
 
 
 class StorageLookup:
