@@ -215,7 +215,7 @@ class SlowS3Proxy:
     """A TCP proxy in front of the S3 endpoint that holds every request of ``methods`` for ``delay_s``.
 
     Makes uploads (PUT) or lookups (HEAD) take real time on loopback, so that overlapping them with
-    renders is visible. ``held`` lists (method, when it was let through, ``time.monotonic()``).
+    renders is visible. ``held`` lists (method, path, when it was let through: ``time.monotonic()``).
     """
 
     def __init__(self, upstream_port: int, delay_s: float, methods: tuple[str, ...] = ("PUT",)) -> None:
@@ -223,7 +223,7 @@ class SlowS3Proxy:
         import threading
 
         self.delay_s = delay_s
-        self.held: list[tuple[str, float]] = []
+        self.held: list[tuple[str, str, float]] = []
         self._methods = tuple(f"{m} ".encode() for m in methods)
         self._upstream = ("127.0.0.1", upstream_port)
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -250,7 +250,8 @@ class SlowS3Proxy:
 
         if data.startswith(self._methods):
             time.sleep(self.delay_s)
-            self.held.append((data.split(b" ", 1)[0].decode(), time.monotonic()))
+            method, path = data.split(b" ", 2)[:2]
+            self.held.append((method.decode(), path.decode(errors="replace"), time.monotonic()))
 
     def stop(self) -> None:
         self._closed.set()
