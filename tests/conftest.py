@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from celery import Celery, signals
 # "Development".
 from celery.contrib.pytest import celery_worker  # noqa: F401
 
-from tests.support import RedisServer, S3Server, TestWorker, minio_client
+from tests.support import RedisServer, S3Server, TestWorker, minio_client, worker_environment
 
 _names = itertools.count(1)
 
@@ -74,21 +73,10 @@ def worker_env(
 ) -> dict[str, str]:
     """The environment of a worker: only the documented settings (plus PATH and the like)."""
     redis_server.client.flushall()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
-    env.update(
-        REDIS_URL=redis_server.url,
-        MINIO_ENDPOINT=s3_server.endpoint,
+    return worker_environment(
+        redis_server.url, s3_server.endpoint, bucket, model_cache, tmp_path,
         MINIO_PUBLIC_ENDPOINT=f"http://localhost:{s3_server.port}",
-        MINIO_ACCESS_KEY="test-access",
-        MINIO_SECRET_KEY="test-secret",
-        MINIO_BUCKET=bucket,
-        MODEL_ID="tiny-wan",
-        MODEL_CACHE_DIR=str(model_cache),
-        SPOOL_DIR=str(tmp_path / "spool"),
-        HEALTH_DIR=str(tmp_path / "health"),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    )  # fmt: skip
 
 
 @pytest.fixture

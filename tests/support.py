@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import threading
 import urllib.request
@@ -31,10 +32,28 @@ __all__ = [
     "wait_for",
     "wait_for_denoising",
     "watch_events",
+    "worker_environment",
     "render_too_big_for",
     "uncap",
     "videos_in",
 ]
+
+
+def worker_environment(
+    redis_url: str, minio_endpoint: str, bucket: str, model_cache: Path, work: Path, **settings: str
+) -> dict[str, str]:
+    """A test worker's environment: this process's without any farm setting it carries, then Redis, the
+    S3 endpoint with the test credentials and ``bucket``, tiny-wan from ``model_cache``, the spool and the
+    health folder under ``work``; ``settings`` add to that or replace it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
+    env.update(
+        REDIS_URL=redis_url, MINIO_ENDPOINT=minio_endpoint, MINIO_ACCESS_KEY="test-access",
+        MINIO_SECRET_KEY="test-secret", MINIO_BUCKET=bucket, MODEL_ID="tiny-wan", MODEL_CACHE_DIR=str(model_cache),
+        SPOOL_DIR=str(work / "spool"), HEALTH_DIR=str(work / "health"), PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    env.update(settings)
+    return env
+
 
 # A worker started with this environment paces every render step to at least 0.1 s (tests/pacing.py),
 # so renders that tests act on last long enough on any CPU. Celery reads --include from this variable.

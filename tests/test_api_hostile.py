@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import threading
 import uuid
@@ -30,7 +29,7 @@ from renderfarm.api.videos import BadParameter, parse_seconds, parse_size, rende
 from tasks.keys import request_problems
 from tasks.schemas import Limits, RenderRequest
 from tests.gateway import Gateway, bytes_waiting_in, read_to_close, start_gateway
-from tests.support import RedisServer, S3Server, TestWorker, wait_for
+from tests.support import RedisServer, S3Server, TestWorker, wait_for, worker_environment
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")  # the SDK's own
 
@@ -44,14 +43,10 @@ def env(redis_server: RedisServer, s3_server: S3Server, model_cache: Path, tmp_p
     """What conftest's ``worker_env`` gives one test, for the whole module (its own bucket, an empty Redis)."""
     redis_server.client.flushall()
     folder = tmp_path_factory.mktemp("hostile")
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
-    return {
-        **keep, "REDIS_URL": redis_server.url, "MINIO_ENDPOINT": s3_server.endpoint,
-        "MINIO_PUBLIC_ENDPOINT": f"http://localhost:{s3_server.port}", "MINIO_ACCESS_KEY": "test-access",
-        "MINIO_SECRET_KEY": "test-secret", "MINIO_BUCKET": f"test-{uuid.uuid4().hex[:12]}", "MODEL_ID": "tiny-wan",
-        "MODEL_CACHE_DIR": str(model_cache), "SPOOL_DIR": str(folder / "spool"), "HEALTH_DIR": str(folder / "health"),
-        "PYTHONUNBUFFERED": "1", "TEST_FOLDER": str(folder),
-    }  # fmt: skip
+    return worker_environment(
+        redis_server.url, s3_server.endpoint, f"test-{uuid.uuid4().hex[:12]}", model_cache, folder,
+        MINIO_PUBLIC_ENDPOINT=f"http://localhost:{s3_server.port}", TEST_FOLDER=str(folder),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ says ``hold at <point>``) until their cancel has been seen, so each lands exactl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -27,7 +26,17 @@ import redis
 from celery import Celery
 
 from tasks.cancel import CANCEL_KEY, Outcome, cancel
-from tests.support import PACED, ROOT, S3Server, TestWorker, free_port, minio_client, videos_in, wait_for
+from tests.support import (
+    PACED,
+    ROOT,
+    S3Server,
+    TestWorker,
+    free_port,
+    minio_client,
+    videos_in,
+    wait_for,
+    worker_environment,
+)
 from tests.test_monitoring import scrape, value
 from worker_config.celery_config import app_config
 from worker_config.settings import BrokerSettings
@@ -66,12 +75,9 @@ def _farm(mode: str, db: int, redis_server, s3_server: S3Server, model_cache: Pa
         client.flushdb()
     bucket = f"test-cancel-{mode}-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
-    env.update(
-        REDIS_URL=url, MINIO_ENDPOINT=s3_server.endpoint, MINIO_PUBLIC_ENDPOINT=f"http://localhost:{s3_server.port}",
-        MINIO_ACCESS_KEY="test-access", MINIO_SECRET_KEY="test-secret", MINIO_BUCKET=bucket, MODEL_ID="tiny-wan",
-        MODEL_CACHE_DIR=str(model_cache), SPOOL_DIR=str(root / "spool"), HEALTH_DIR=str(root / "health"),
-        PYTHONUNBUFFERED="1", WORKER_MODE=mode, METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1", **PACED,
+    env = worker_environment(
+        url, s3_server.endpoint, bucket, model_cache, root, MINIO_PUBLIC_ENDPOINT=f"http://localhost:{s3_server.port}",
+        WORKER_MODE=mode, METRICS_PORT=str(port), METRICS_ADDR="127.0.0.1", **PACED,
     )  # fmt: skip
     worker = TestWorker(f"cancel-{mode}", env, root / "worker.log", ("--without-mingle", "--without-gossip"))
     app = Celery("producer")

@@ -29,7 +29,16 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.support import PACED, RedisServer, S3Server, TestWorker, free_port, minio_client, wait_for
+from tests.support import (
+    PACED,
+    RedisServer,
+    S3Server,
+    TestWorker,
+    free_port,
+    minio_client,
+    wait_for,
+    worker_environment,
+)
 from tests.test_monitoring import scrape, value
 
 EVERY_S = 0.5  # checkpoints every 0.5 s: at most 5 steps paced to 0.1 s each
@@ -130,12 +139,9 @@ def farm(
 ) -> Iterator[Farm]:  # fmt: skip
     redis_server.client.flushall()
     work = tmp_path_factory.mktemp("checkpoints")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
-    env.update(
-        REDIS_URL=redis_server.url, MINIO_ENDPOINT=gate.endpoint, MINIO_PUBLIC_ENDPOINT=s3_server.endpoint,
-        MINIO_ACCESS_KEY="test-access", MINIO_SECRET_KEY="test-secret", MINIO_BUCKET=bucket, MODEL_ID="tiny-wan",
-        MODEL_CACHE_DIR=str(model_cache), SPOOL_DIR=str(work / "spool"), HEALTH_DIR=str(work / "health"),
-        PYTHONUNBUFFERED="1", CHECKPOINT_EVERY_S=str(EVERY_S), **PACED,
+    env = worker_environment(
+        redis_server.url, gate.endpoint, bucket, model_cache, work, MINIO_PUBLIC_ENDPOINT=s3_server.endpoint,
+        CHECKPOINT_EVERY_S=str(EVERY_S), **PACED,
     )  # fmt: skip
     farm = Farm(env, work)
     yield farm

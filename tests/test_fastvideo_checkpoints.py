@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.support import PACED, RedisServer, S3Server, TestWorker, minio_client, wait_for
+from tests.support import PACED, RedisServer, S3Server, TestWorker, minio_client, wait_for, worker_environment
 from tests.test_checkpoints import SAVED, Farm, checkpoint_objects, consuming, last_int, new_lines, queued_task_ids
 
 try:
@@ -59,11 +59,8 @@ def farm(
 ) -> Iterator[Farm]:  # fmt: skip
     redis_server.client.flushall()
     work = tmp_path_factory.mktemp("fastvideo-checkpoints")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "REDIS_", "MODEL_", "ENGINE"))}
-    env.update(
-        REDIS_URL=redis_server.url, MINIO_ENDPOINT=s3_server.endpoint, MINIO_ACCESS_KEY="test-access",
-        MINIO_SECRET_KEY="test-secret", MINIO_BUCKET=bucket, MODEL_ID="tiny-wan", MODEL_CACHE_DIR=str(model_cache),
-        SPOOL_DIR=str(work / "spool"), HEALTH_DIR=str(work / "health"), PYTHONUNBUFFERED="1", ENGINE="fastvideo",
+    env = worker_environment(
+        redis_server.url, s3_server.endpoint, bucket, model_cache, work, ENGINE="fastvideo",
         DISTRIBUTED_EXECUTOR_BACKEND="mp", CHECKPOINT_EVERY_S=str(EVERY_S), **SHORT_LEASE, **UNPACED,
     )  # fmt: skip
     farm = Farm(env, work)
